@@ -1,0 +1,81 @@
+"""The Windows builds the generator can model.
+
+Each flavor names the real kernel ISF it lays structures out with and the
+facts of that build that no ISF holds: version numbers, the PML4 self-map
+index, where the kernel and each pool region sit in the address space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYMBOLS = Path(__file__).resolve().parent.parent / "symbols" / "windows" / "ntkrnlmp.pdb"
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    isf_file: str
+    major: int
+    minor: int
+    build: int
+    nt_major: int  # NtMajorVersion in KUSER_SHARED_DATA
+    nt_minor: int
+    segment_heap: bool
+    self_map_index: int
+    kernel_base: int
+    # Kernel virtual-address regions: name -> (base, size).  Pool allocations
+    # are placed inside the pool regions; the rest exist so lookups of
+    # non-pool addresses have something real to name.
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def isf_path(self) -> Path:
+        return SYMBOLS / self.isf_file
+
+
+WIN10_19041 = Flavor(
+    name="win10-19041",
+    isf_file="606FF669409B00F7FC8C61A9C1670129-1.json.xz",
+    major=10,
+    minor=0,
+    build=19041,
+    nt_major=10,
+    nt_minor=0,
+    segment_heap=True,
+    self_map_index=0x1A3,
+    kernel_base=0xFFFFF80563A00000,
+    regions={
+        "NonPagedPool": (0xFFFFDC0000000000, 0x100_0000_0000),
+        "PagedPool": (0xFFFFB90000000000, 0x100_0000_0000),
+        "Session": (0xFFFFF98000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFFF08000000000, 0x10_0000_0000),
+        "KernelStacks": (0xFFFFF28000000000, 0x10_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFE50000000000, 0x10_0000_0000),
+    },
+)
+
+WIN7_SP1 = Flavor(
+    name="win7-sp1",
+    isf_file="339E74133576439CBCDF7E0229DA3773-1.json.xz",
+    major=6,
+    minor=1,
+    build=7601,
+    nt_major=6,
+    nt_minor=1,
+    segment_heap=False,
+    self_map_index=0x1ED,
+    kernel_base=0xFFFFF80002A0F000,
+    regions={
+        "NonPagedPool": (0xFFFFFA8000000000, 0x80_0000_0000),
+        "PagedPool": (0xFFFFF8A000000000, 0x20_0000_0000),
+        "Session": (0xFFFFF90000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFFF88000000000, 0x20_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFFA8000000000 - 0x10_0000_0000, 0x10_0000_0000),
+    },
+)
+
+FLAVORS = {flavor.name: flavor for flavor in (WIN10_19041, WIN7_SP1)}

@@ -1,0 +1,1 @@
+"""Pool forensics for Windows memory images: plugins and the library behind them."""

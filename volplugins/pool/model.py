@@ -1,0 +1,67 @@
+"""The small records every pool walker yields and every plugin consumes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class State(str, enum.Enum):
+    ALLOCATED = "Allocated"
+    FREE = "Free"
+    CACHED_FREE = "Cached-free"  # freed into a lookaside/delay-free list; the heap still marks it busy
+    UNREADABLE = "Unreadable"
+
+
+class Backing(str, enum.Enum):
+    PAGE = "Page"  # classic pool page
+    VS = "VS"  # segment heap variable-size subsegment
+    LFH = "LFH"  # segment heap low-fragmentation subsegment
+    BIG = "Big"  # page-aligned allocation in the big page table
+    LARGE = "Large"  # segment heap large allocation (also in the big page table)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One pool chunk as ``!pool`` lists it.
+
+    ``address`` is the pool header (for big/large allocations the first byte,
+    for free VS chunks the chunk header); ``size`` is what ``!pool`` prints:
+    BlockSize * 16, the VS chunk size, or the big allocation's byte count.
+    """
+
+    address: int
+    size: int
+    previous_size: int
+    tag: bytes
+    state: State
+    backing: Backing
+    pool: str = ""  # NonPaged, NonPagedNx, Paged, Session, or "" when unknown
+    pool_type: int | None = None  # header or table PoolType, when the backing keeps one
+    body: int | None = None  # first byte handed to the caller (after headers)
+    quota_process: int | None = None  # decoded ProcessBilled (_EPROCESS address)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    def contains(self, address: int) -> bool:
+        return self.address <= address < self.end
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something wrong or unreadable in the image, reported instead of raised."""
+
+    address: int
+    reason: str
+
+
+def tag_text(tag: bytes) -> str:
+    """A tag as users read it: printable bytes as-is, others escaped (never dropped)."""
+    return "".join(chr(b) if 32 <= b < 127 and b != 0x5C else f"\\x{b:02x}" for b in tag)
+
+
+def tag_windbg(tag: bytes) -> str:
+    """A tag as WinDbg prints it: one character per byte, '.' for unprintable bytes."""
+    return "".join(chr(b) if 32 <= b < 127 else "." for b in tag)

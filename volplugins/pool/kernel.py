@@ -9,7 +9,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from volatility3.framework import exceptions, interfaces
+import numpy as np
+from volatility3.framework import exceptions, interfaces, objects
+from volatility3.framework.objects import templates
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """Where one structure field lives: byte offset, storage size, bit range of a bitfield.
+
+    A plain record so decoders can run over raw bytes (a page, a whole table)
+    without going back to the layer for every field.  Bitfields are read
+    unsigned; ``signed`` applies to whole fields only.
+    """
+
+    offset: int
+    size: int
+    bit_position: int = 0
+    bit_length: int | None = None
+    signed: bool = False
+
+    @property
+    def is_bitfield(self) -> bool:
+        return self.bit_length is not None
+
+    def extract(self, data: bytes, base: int = 0) -> int:
+        """The field of the structure that starts at ``data[base]``."""
+        start = base + self.offset
+        value = int.from_bytes(data[start : start + self.size], "little", signed=self.signed and not self.is_bitfield)
+        if self.bit_length is None:
+            return value
+        return (value >> self.bit_position) & ((1 << self.bit_length) - 1)
+
+    def column(self, data: bytes, count: int, stride: int) -> np.ndarray:
+        """The field of ``count`` consecutive entries ``stride`` bytes apart (uint64, int64 if signed)."""
+        signed = self.signed and not self.is_bitfield
+        raw = np.ndarray(
+            (count,),
+            dtype=np.dtype(f"<{'i' if signed else 'u'}{self.size}"),
+            buffer=data,
+            offset=self.offset,
+            strides=(stride,),
+        )
+        values = raw.astype(np.int64 if signed else np.uint64)
+        if self.bit_length is not None:
+            values = (values >> np.uint64(self.bit_position)) & np.uint64((1 << self.bit_length) - 1)
+        return values
 
 
 @dataclass(frozen=True)
@@ -47,12 +92,32 @@ class Kernel:
 
     def field_offset(self, type_name: str, field: str) -> int:
         """Offset of a (dotted) field inside ``type_name``."""
+        return self.field_layout(type_name, field).offset
+
+    def field_layout(self, type_name: str, field: str) -> FieldLayout:
+        """Offset, size and bit range of a (dotted) field inside ``type_name``.
+
+        Builds differ in how they declare the same bytes (one bitfield ULONG on
+        Windows 7, USHORT bitfields later), so callers decode through this.
+        """
         offset = 0
         template = self.module.get_type(type_name)
         for part in field.split("."):
+            template = self._resolved(template)
             offset += template.relative_child_offset(part)
             template = template.vol.members[part][1]
-        return offset
+        template = self._resolved(template)
+        if issubclass(template.vol.object_class, objects.BitField):
+            start, end = template.vol.start_bit, template.vol.end_bit
+            return FieldLayout(offset, template.vol.base_type.size, start, end - start)
+        data_format = template.vol.get("data_format")
+        return FieldLayout(offset, template.size, signed=bool(data_format and data_format.signed))
+
+    def _resolved(self, template):
+        """Nested structures come back as references; look the real template up by name."""
+        if isinstance(template, templates.ReferenceTemplate):
+            return self.context.symbol_space.get_type(template.vol.type_name)
+        return template
 
     def has_field(self, type_name: str, field: str) -> bool:
         try:
@@ -77,10 +142,29 @@ class Kernel:
     def read_u32(self, address: int) -> int:
         return int.from_bytes(self.read(address, 4), "little")
 
+    def read_pointer(self, address: int) -> int:
+        """A pointer-sized kernel variable (size from the ISF)."""
+        return int.from_bytes(self.read(address, self.module.get_type("pointer").size), "little")
+
+    def read_table(self, address: int, size: int) -> tuple[bytes, int]:
+        """``size`` bytes in one layer read, and how many of them could not be read.
+
+        Kernel tables can have paged-out pages; those come back as zeros so
+        callers decode what is there and report the gap instead of failing.
+        """
+        try:
+            return self.read(address, size), 0
+        except exceptions.InvalidAddressException:
+            data = self.read(address, size, pad=True)
+            mapped = sum(length for _, length, _, _, _ in self.layer.mapping(address, size, ignore_errors=True))
+            return data, size - mapped
+
     def is_valid(self, address: int, size: int = 1) -> bool:
         return self.layer.is_valid(address, size)
 
     @property
     def uses_segment_heap(self) -> bool:
         """Windows 10 19H1+ and 11 allocate pool from the segment heap; the ISF tells which."""
-        return self.has_symbol("ExPoolState") and self.has_type("_EX_POOL_HEAP_MANAGER_STATE")
+        # 1809 already has ExPoolState but still allocates from classic pages;
+        # the heap-backed free routine only exists once pool sits on the segment heap.
+        return self.has_symbol("ExPoolState") and self.has_symbol("ExFreeHeapPool")

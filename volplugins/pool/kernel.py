@@ -92,7 +92,7 @@ class Kernel:
 
     def field_offset(self, type_name: str, field: str) -> int:
         """Offset of a (dotted) field inside ``type_name``."""
-        return self.field_layout(type_name, field).offset
+        return self._field(type_name, field)[0]
 
     def field_layout(self, type_name: str, field: str) -> FieldLayout:
         """Offset, size and bit range of a (dotted) field inside ``type_name``.
@@ -100,18 +100,23 @@ class Kernel:
         Builds differ in how they declare the same bytes (one bitfield ULONG on
         Windows 7, USHORT bitfields later), so callers decode through this.
         """
-        offset = 0
-        template = self.module.get_type(type_name)
-        for part in field.split("."):
-            template = self._resolved(template)
-            offset += template.relative_child_offset(part)
-            template = template.vol.members[part][1]
+        offset, template = self._field(type_name, field)
         template = self._resolved(template)
         if issubclass(template.vol.object_class, objects.BitField):
             start, end = template.vol.start_bit, template.vol.end_bit
             return FieldLayout(offset, template.vol.base_type.size, start, end - start)
         data_format = template.vol.get("data_format")
         return FieldLayout(offset, template.size, signed=bool(data_format and data_format.signed))
+
+    def _field(self, type_name: str, field: str):
+        """Offset and template of a (dotted) field, following nested structures."""
+        offset = 0
+        template = self.module.get_type(type_name)
+        for part in field.split("."):
+            template = self._resolved(template)
+            offset += template.relative_child_offset(part)
+            template = template.vol.members[part][1]
+        return offset, template
 
     def _resolved(self, template):
         """Nested structures come back as references; look the real template up by name."""

@@ -1,0 +1,165 @@
+"""Identify the executive object a pool chunk holds, through its object header.
+
+After the pool header an object allocation holds the optional headers its
+``InfoMask`` selects, then ``_OBJECT_HEADER``, then the body.  The header's
+``TypeIndex`` indexes ``ObTypeIndexTable``; Windows 10 stores it XORed with
+``ObHeaderCookie`` and the second byte of the header's address.  A candidate
+header is accepted only when the optional headers it declares fill exactly the
+gap back to the pool header, so random bytes are not mistaken for objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from volatility3.framework import exceptions
+
+from .kernel import Kernel
+
+# InfoMask bits and the optional header each one adds, in bit order.
+OPTIONAL_HEADER_TYPES = (
+    (0x01, "_OBJECT_HEADER_CREATOR_INFO"),
+    (0x02, "_OBJECT_HEADER_NAME_INFO"),
+    (0x04, "_OBJECT_HEADER_HANDLE_INFO"),
+    (0x08, "_OBJECT_HEADER_QUOTA_INFO"),
+    (0x10, "_OBJECT_HEADER_PROCESS_INFO"),
+    (0x20, "_OBJECT_HEADER_AUDIT_INFO"),
+    (0x40, "_OBJECT_HEADER_EXTENDED_INFO"),
+    (0x80, "_OBJECT_HEADER_PADDING_INFO"),
+)
+MAX_TYPE_INDEX = 0x100
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What an allocation holds: type name, a readable name and details."""
+
+    type_name: str
+    name: str
+    header: int
+    body: int
+    pid: int | None = None
+
+    def describe(self) -> str:
+        text = f"{self.type_name} {self.name}".strip()
+        return f"{text} pid {self.pid}" if self.pid is not None and self.type_name == "Process" else text
+
+
+@dataclass(frozen=True)
+class ObjectLayout:
+    """Sizes the search needs, read once per kernel from its ISF."""
+
+    header_body_offset: int
+    type_index_offset: int
+    info_mask_offset: int
+    optional_sizes: tuple[tuple[int, int], ...]  # (bit, size) for the headers this build has
+    cookie: int | None
+    type_table: int
+
+
+@lru_cache(maxsize=16)
+def object_layout(kernel: Kernel) -> ObjectLayout:
+    cookie = None
+    if kernel.has_symbol("ObHeaderCookie"):
+        cookie = kernel.read(kernel.symbol_address("ObHeaderCookie"), 1, pad=True)[0]
+    return ObjectLayout(
+        header_body_offset=kernel.field_offset("_OBJECT_HEADER", "Body"),
+        type_index_offset=kernel.field_offset("_OBJECT_HEADER", "TypeIndex"),
+        info_mask_offset=kernel.field_offset("_OBJECT_HEADER", "InfoMask"),
+        optional_sizes=tuple(
+            (bit, kernel.type_size(name)) for bit, name in OPTIONAL_HEADER_TYPES if kernel.has_type(name)
+        ),
+        cookie=cookie,
+        type_table=kernel.symbol_address("ObTypeIndexTable"),
+    )
+
+
+@lru_cache(maxsize=4096)
+def type_name_for_index(kernel: Kernel, index: int) -> str | None:
+    """Name of object type ``index`` read from ``ObTypeIndexTable`` (None when unreadable)."""
+    layout = object_layout(kernel)
+    try:
+        type_object = kernel.object("_OBJECT_TYPE", kernel.read_u64(layout.type_table + 8 * index))
+        name = type_object.Name.get_string()
+    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError):
+        return None
+    return name if name and name.isprintable() and len(name) < 64 else None
+
+
+def optional_headers_size(layout: ObjectLayout, info_mask: int) -> int:
+    return sum(size for bit, size in layout.optional_sizes if info_mask & bit)
+
+
+def identify(kernel: Kernel, data_start: int, data_size: int) -> ObjectInfo | None:
+    """The object inside ``[data_start, data_start + data_size)`` (the bytes after the pool header), if any."""
+    layout = object_layout(kernel)
+    window = min(data_size, 0x100 + layout.header_body_offset)
+    data = kernel.read(data_start, window, pad=True)
+    for gap in range(0, window - layout.header_body_offset + 1, 8):
+        info_mask = data[gap + layout.info_mask_offset]
+        if optional_headers_size(layout, info_mask) != gap:
+            continue
+        header = data_start + gap
+        index = data[gap + layout.type_index_offset]
+        if layout.cookie is not None:
+            index ^= layout.cookie ^ ((header >> 8) & 0xFF)
+        if not 2 <= index < MAX_TYPE_INDEX:
+            continue
+        type_name = type_name_for_index(kernel, index)
+        if type_name is None:
+            continue
+        body = header + layout.header_body_offset
+        return _describe_body(kernel, type_name, header, body)
+    return None
+
+
+def _describe_body(kernel: Kernel, type_name: str, header: int, body: int) -> ObjectInfo:
+    describers = {
+        "Process": _process,
+        "Thread": _thread,
+        "File": _file,
+        "Driver": _driver,
+        "Type": _object_type,
+    }
+    try:
+        name, pid = describers.get(type_name, _no_name)(kernel, body)
+    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError):
+        name, pid = "", None
+    return ObjectInfo(type_name, name, header, body, pid)
+
+
+def _process(kernel: Kernel, body: int) -> tuple[str, int | None]:
+    process = kernel.object("_EPROCESS", body)
+    name = process.ImageFileName.cast("string", max_length=process.ImageFileName.vol.count, errors="replace")
+    return name, int(process.UniqueProcessId)
+
+
+def _thread(kernel: Kernel, body: int) -> tuple[str, int | None]:
+    thread = kernel.object("_ETHREAD", body)
+    return f"tid {int(thread.Cid.UniqueThread)}", int(thread.Cid.UniqueProcess)
+
+
+def _file(kernel: Kernel, body: int) -> tuple[str, int | None]:
+    return kernel.object("_FILE_OBJECT", body).FileName.get_string(), None
+
+
+def _driver(kernel: Kernel, body: int) -> tuple[str, int | None]:
+    return kernel.object("_DRIVER_OBJECT", body).DriverName.get_string(), None
+
+
+def _object_type(kernel: Kernel, body: int) -> tuple[str, int | None]:
+    return kernel.object("_OBJECT_TYPE", body).Name.get_string(), None
+
+
+def _no_name(kernel: Kernel, body: int) -> tuple[str, int | None]:
+    return "", None
+
+
+def process_name(kernel: Kernel, eprocess: int) -> str:
+    """``name pid N`` of the process at ``eprocess`` (empty when it cannot be read)."""
+    try:
+        name, pid = _process(kernel, eprocess)
+    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError):
+        return ""
+    return f"{name} pid {pid}"

@@ -1,0 +1,208 @@
+"""Which kernel region an address lies in, from the kernel's own bookkeeping.
+
+Windows 10 and later assign system VA regions dynamically and record them in
+``MiState.Vs.SystemVaRegions[]`` (``_MI_SYSTEM_VA_ASSIGNMENT`` {BaseAddress,
+NumberOfBytes}), indexed by the ``_MI_ASSIGNED_REGION_TYPES`` enum, whose
+values differ between builds: both come from the ISF.  Windows 7 keeps pool
+bounds in variables (``MmNonPagedPoolStart``, ``MmMaximumNonPagedPoolInBytes``,
+``MmPagedPoolEnd``, ``MmSizeOfPagedPoolInBytes``) and has a fixed x64 layout
+for the rest.  Builds in between (8.1) get what their variables tell; other
+kernel addresses are reported as unknown rather than guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from volatility3.framework import exceptions
+
+from .kernel import Kernel
+
+# Windows 7 x64 maps session space at a fixed PML4 slot (512 GiB at
+# 0xFFFFF900`00000000); no variable records it.
+WIN7_X64_SESSION_SPACE = (0xFFFFF90000000000, 0xFFFFF98000000000)
+# One PML4 entry maps 512 GiB on x64; the slot holding the kernel image is
+# where the loader maps the kernel, HAL and boot drivers before Windows 10.
+PML4_SLOT_SIZE = 1 << 39
+DEFAULT_HIGHEST_USER_ADDRESS = 0x7FFFFFFEFFFF
+DEFAULT_VA_BITS = 48
+
+_ENUM = "_MI_ASSIGNED_REGION_TYPES"
+_PREFIX = "AssignedRegion"
+
+# Region names as users read them (``!pool``: "region is Nonpaged pool"), and the pool they hold.
+_NAMES: dict[str, tuple[str, str | None]] = {
+    "NonPagedPool": ("Nonpaged pool", "NonPaged"),
+    "PagedPool": ("Paged pool", "Paged"),
+    "Session": ("Session pool", "Session"),
+    "SystemCache": ("System cache", None),
+    "SystemPtes": ("System PTEs", None),
+    "UltraZero": ("Ultra zero", None),
+    "PfnDatabase": ("PFN database", None),
+    "Cfg": ("CFG bitmap", None),
+    "HyperSpace": ("Hyper space", None),
+    "KernelStacks": ("Kernel stacks", None),
+    "PageTables": ("Page tables", None),
+    "SystemImages": ("System images", None),
+    "SecureNonPagedPool": ("Secure nonpaged pool", None),
+    "SpecialPoolPaged": ("Special pool (paged)", "Paged"),
+    "SpecialPoolNonPaged": ("Special pool (nonpaged)", "NonPaged"),
+    "KernelShadowStacks": ("Kernel shadow stacks", None),
+}
+
+USER_SPACE = "User space"
+USER_GUARD = "User space (no-access guard above the highest user address)"
+NON_CANONICAL = "Non-canonical"
+UNKNOWN_KERNEL = "Unmapped/unknown kernel address"
+
+
+@dataclass(frozen=True)
+class Region:
+    """A kernel VA range with the name users read and the pool it holds (None: not pool)."""
+
+    name: str
+    start: int
+    end: int  # exclusive
+    pool: str | None
+    source: str = ""  # where the bounds came from: a symbol, or an architectural constant
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def contains(self, address: int) -> bool:
+        return self.start <= address < self.end
+
+
+@dataclass(frozen=True)
+class RegionAnswer:
+    """What ``classify`` says about one address."""
+
+    address: int
+    name: str
+    region: Region | None = None
+
+    @property
+    def pool(self) -> str | None:
+        return self.region.pool if self.region else None
+
+
+def kernel_regions(kernel: Kernel) -> list[Region]:
+    """The kernel's VA regions, sorted by start (read once per kernel)."""
+    return list(_regions(kernel))
+
+
+@lru_cache(maxsize=8)
+def _regions(kernel: Kernel) -> tuple[Region, ...]:
+    try:
+        regions = _from_mi_state(kernel) if _has_va_assignments(kernel) else _from_variables(kernel)
+    except exceptions.InvalidAddressException:
+        regions = []
+    return tuple(sorted(regions, key=lambda region: (region.start, region.end)))
+
+
+def _has_va_assignments(kernel: Kernel) -> bool:
+    return (
+        kernel.has_symbol("MiState")
+        and kernel.has_field("_MI_SYSTEM_INFORMATION", "Vs.SystemVaRegions")
+        and kernel.module.has_enumeration(_ENUM)
+    )
+
+
+def region_name(constant: str) -> tuple[str, str | None]:
+    """The user-facing name and pool of an ``_MI_ASSIGNED_REGION_TYPES`` constant."""
+    short = constant.removeprefix(_PREFIX)
+    if short in _NAMES:
+        return _NAMES[short]
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", short)
+    return words[:1].upper() + words[1:].lower(), None
+
+
+def _from_mi_state(kernel: Kernel) -> list[Region]:
+    array = kernel.field_layout("_MI_SYSTEM_INFORMATION", "Vs.SystemVaRegions")
+    stride = kernel.type_size("_MI_SYSTEM_VA_ASSIGNMENT")
+    base = kernel.field_layout("_MI_SYSTEM_VA_ASSIGNMENT", "BaseAddress")
+    length = kernel.field_layout("_MI_SYSTEM_VA_ASSIGNMENT", "NumberOfBytes")
+    count = array.size // stride
+    data = kernel.read(kernel.symbol_address("MiState") + array.offset, count * stride)
+    regions = []
+    for constant, index in kernel.module.get_enumeration(_ENUM).choices.items():
+        if not 0 <= index < count:  # AssignedRegionMaximum and anything past the array
+            continue
+        start = base.extract(data, index * stride)
+        size = length.extract(data, index * stride)
+        if start and size:
+            name, pool = region_name(constant)
+            regions.append(Region(name, start, start + size, pool, f"MiState.Vs.SystemVaRegions[{constant}]"))
+    return regions
+
+
+def _from_variables(kernel: Kernel) -> list[Region]:
+    """Pre-Windows 10 kernels: pool bounds from Mm variables, the rest from the fixed x64 layout."""
+    regions = []
+    nonpaged = _pair(kernel, "MmNonPagedPoolStart", "MmMaximumNonPagedPoolInBytes")
+    if nonpaged:
+        start, size = nonpaged
+        regions.append(Region("Nonpaged pool", start, start + size, "NonPaged", "MmNonPagedPoolStart"))
+    paged = _pair(kernel, "MmPagedPoolEnd", "MmSizeOfPagedPoolInBytes")
+    if paged:
+        last, size = paged
+        regions.append(Region("Paged pool", last + 1 - size, last + 1, "Paged", "MmPagedPoolEnd"))
+    if kernel.has_symbol("MmNonPagedPoolStart"):
+        # Of the supported builds only Windows 7 keeps MmNonPagedPoolStart; its session space is fixed.
+        start, end = WIN7_X64_SESSION_SPACE
+        regions.append(Region("Session pool", start, end, "Session", "Windows 7 x64 fixed session space"))
+    slot = kernel.base - kernel.base % PML4_SLOT_SIZE
+    regions.append(Region("System images", slot, slot + PML4_SLOT_SIZE, None, "PML4 slot of the kernel image"))
+    return regions
+
+
+def _pair(kernel: Kernel, first: str, second: str) -> tuple[int, int] | None:
+    """Two pointer-sized variables, None unless both exist, are readable and non-zero."""
+    if not (kernel.has_symbol(first) and kernel.has_symbol(second)):
+        return None
+    try:
+        values = (kernel.read_pointer(kernel.symbol_address(first)), kernel.read_pointer(kernel.symbol_address(second)))
+    except exceptions.InvalidAddressException:
+        return None
+    return values if all(values) else None
+
+
+@lru_cache(maxsize=8)
+def highest_user_address(kernel: Kernel) -> int:
+    """``MmHighestUserAddress`` when readable, else the x64 default (read once per kernel)."""
+    if kernel.has_symbol("MmHighestUserAddress"):
+        try:
+            value = kernel.read_pointer(kernel.symbol_address("MmHighestUserAddress"))
+        except exceptions.InvalidAddressException:
+            value = 0
+        if value:
+            return value
+    return DEFAULT_HIGHEST_USER_ADDRESS
+
+
+def _va_bits(kernel: Kernel) -> int:
+    """Implemented virtual-address bits of the kernel's layer (48 for 4-level paging)."""
+    return getattr(kernel.layer, "_maxvirtaddr", DEFAULT_VA_BITS)
+
+
+def is_canonical(address: int, va_bits: int = DEFAULT_VA_BITS) -> bool:
+    """True when the bits above ``va_bits - 1`` all repeat bit ``va_bits - 1``."""
+    top = address >> (va_bits - 1)
+    return top == 0 or top == (1 << (64 - va_bits + 1)) - 1
+
+
+def classify(kernel: Kernel, address: int) -> RegionAnswer:
+    """Name the region holding ``address``: a kernel region, user space, or why there is none."""
+    va_bits = _va_bits(kernel)
+    if not is_canonical(address, va_bits):
+        return RegionAnswer(address, NON_CANONICAL)
+    if address >> (va_bits - 1) == 0:
+        return RegionAnswer(address, USER_SPACE if address <= highest_user_address(kernel) else USER_GUARD)
+    holders = [region for region in _regions(kernel) if region.contains(address)]
+    if not holders:
+        return RegionAnswer(address, UNKNOWN_KERNEL)
+    region = min(holders, key=lambda candidate: candidate.size)
+    return RegionAnswer(address, region.name, region)

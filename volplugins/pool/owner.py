@@ -1,0 +1,119 @@
+"""Address -> owning pool allocation: the library behind ``windows.poolowner``.
+
+The order follows how Windows hands out pool: an address inside a big (or
+large) allocation is named by the big page table whatever backs it; otherwise
+the segment heap (19H1+) or the classic page holding it is walked; an address
+in no pool gets its region and a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import bigpages, classic, objects, regions, segheap
+from .kernel import Kernel
+from .model import Backing, Chunk, Finding, State
+
+NOT_POOL = "not pool"
+
+
+@dataclass(frozen=True)
+class OwnerAnswer:
+    address: int
+    region: str
+    chunks: tuple[Chunk, ...] = ()
+    owner: Chunk | None = None
+    findings: tuple[Finding, ...] = ()
+    reason: str = ""  # why there is no owner, when there is none
+    object: objects.ObjectInfo | None = None
+    quota_process_name: str = ""
+
+    @property
+    def is_pool(self) -> bool:
+        return self.owner is not None
+
+    def headline(self) -> str:
+        """The first line ``!pool`` prints, or the reason this address has no pool owner."""
+        if self.owner is None:
+            return f"{self.address:x}: {self.reason or NOT_POOL} (region: {self.region})"
+        if self.owner.backing in (Backing.BIG, Backing.LARGE):
+            return (f"{self.address:x} is inside a {self.owner.backing.value.lower()} pool allocation "
+                    f"of {self.owner.size:#x} bytes at {self.owner.address:x}")
+        return f"Pool page {self.address:x} region is {self.region}"
+
+    def quota_note(self, chunk: Chunk) -> str:
+        if chunk.quota_process is None:
+            return ""
+        name = f" ({self.quota_process_name})" if self.quota_process_name else ""
+        return f"quota charged to process {chunk.quota_process:#x}{name}"
+
+
+def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
+    """Which allocation holds ``address``; never raises for bad or unreadable memory."""
+    region = regions.classify(kernel, address)
+    if region.name in (regions.USER_SPACE, regions.USER_GUARD, regions.NON_CANONICAL):
+        return OwnerAnswer(address, region.name, reason=f"{region.name.lower()} address, not kernel pool")
+    big = bigpages.find_big(kernel, address)
+    if big is not None:
+        return _with_details(kernel, _big_answer(kernel, address, region.name, big))
+    if not kernel.is_valid(address):
+        return OwnerAnswer(address, region.name, reason="address is not mapped (invalid or paged out)")
+    if region.pool is None and region.region is not None:
+        return OwnerAnswer(address, region.name, reason=f"{NOT_POOL}: address lies in {region.name}")
+    if kernel.uses_segment_heap:
+        answer = _segment_heap_answer(kernel, address, region.name)
+    else:
+        answer = _classic_answer(kernel, address, region.name)
+    return _with_details(kernel, answer)
+
+
+def _big_answer(kernel: Kernel, address: int, region: str, big: bigpages.BigAllocation) -> OwnerAnswer:
+    backing = Backing.LARGE if kernel.uses_segment_heap and big.size > segheap_large_threshold() else Backing.BIG
+    pool = _pool_of_big(big, region)
+    chunk = Chunk(big.va, big.size, 0, big.tag, State.ALLOCATED, backing, pool, big.pool_type, body=big.va)
+    return OwnerAnswer(address, region, (chunk,), chunk)
+
+
+def segheap_large_threshold() -> int:
+    """Above this many bytes the segment heap serves requests from the VA manager (large), not segments."""
+    return 0x7F000
+
+
+def _pool_of_big(big: bigpages.BigAllocation, region: str) -> str:
+    if big.pool_type is None:
+        return {"Paged pool": "Paged", "Session pool": "Session"}.get(region, "NonPaged")
+    if big.pool_type & 0x20:
+        return "Session"
+    if big.pool_type & 1:
+        return "Paged"
+    return "NonPagedNx" if big.pool_type & 0x200 else "NonPaged"
+
+
+def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnswer:
+    result = segheap.find_owner_chunks(kernel, address)
+    if result.owner is None:
+        reason = result.findings[0].reason if result.findings else "no segment heap chunk holds this address"
+        return OwnerAnswer(address, region, result.chunks, None, result.findings, reason=f"{NOT_POOL}: {reason}")
+    return OwnerAnswer(address, region, result.chunks, result.owner, result.findings)
+
+
+def _classic_answer(kernel: Kernel, address: int, region: str) -> OwnerAnswer:
+    walk = classic.walk_page(kernel, address)
+    owner = walk.owner(address)
+    reason = "" if owner else "no chunk of this page holds the address (the page's chain is broken before it)"
+    return OwnerAnswer(address, region, walk.chunks, owner, walk.findings, reason=reason)
+
+
+def _with_details(kernel: Kernel, answer: OwnerAnswer) -> OwnerAnswer:
+    """Add what the owner holds (an executive object) and who was charged for it."""
+    chunk = answer.owner
+    if chunk is None or chunk.state is State.UNREADABLE:
+        return answer
+    found = None
+    if chunk.body is not None:
+        found = objects.identify(kernel, chunk.body, max(0, chunk.end - chunk.body))
+    quota_name = ""
+    if chunk.quota_process is not None:
+        quota_name = objects.process_name(kernel, chunk.quota_process)
+    return OwnerAnswer(answer.address, answer.region, answer.chunks, answer.owner, answer.findings,
+                       answer.reason, found, quota_name)

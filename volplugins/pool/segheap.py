@@ -1,0 +1,1071 @@
+"""Kernel pool on the segment heap (Windows 10 19H1+ and 11): heaps, segments, page ranges, VS and LFH chunks.
+
+The layout of every structure comes from the kernel's ISF. The pure decoders at the top take a small
+``SegHeapLayout`` record (built from an ISF dict or from a ``Kernel``) so they can be checked without an image;
+the walkers below them read the image through ``Kernel`` and yield ``Chunk`` or ``Finding`` records.
+
+Chain of ownership used throughout: ``ExPoolState.PoolNode[i].Heaps[j]`` -> ``_SEGMENT_HEAP`` ->
+``SegContexts[k]`` -> segments (``SegmentListHead``) -> page range descriptors -> VS / LFH subsegments -> chunks.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from volatility3.framework import exceptions
+from volatility3.framework.objects import templates
+
+from volplugins.pool.kernel import Kernel
+from volplugins.pool.model import Backing, Chunk, Finding, State
+
+PAGE_SIZE = 0x1000
+SEGMENT_HEAP_SIGNATURE = 0xDDEEDDEE
+PAGE_SEGMENT_KEY = 0xA2E64EADA2E64EAD  # mixed into _HEAP_PAGE_SEGMENT.Signature; zero from build 26100
+VS_SUBSEGMENT_KEY = 0x2BED  # _HEAP_VS_SUBSEGMENT.Signature ^ key == Size
+DESCRIPTOR_SIGNATURE = 0xCCDDCCDD  # _HEAP_PAGE_RANGE_DESCRIPTOR.TreeSignature of a busy range
+
+# _HEAP_PAGE_RANGE_DESCRIPTOR.RangeFlags bits: 3 = range allocated as a whole, 0xB = LFH, 0xF = VS,
+# 1 = a later unit of a busy range (points back with UnitOffset), 0 / 2 = free.
+RANGE_ALLOCATED = 0x1
+RANGE_FIRST = 0x2
+RANGE_VS = 0x4
+RANGE_SUBSEGMENT = 0x8
+
+POOL_QUOTA = 0x8  # POOL_TYPE bit: ProcessBilled holds the (encoded) charged process
+POOL_CACHE_ALIGNED = 0x4  # POOL_TYPE bit: the body may sit behind a second pool header
+
+HEAP_POOL_NAMES = ("NonPaged", "NonPagedNx", "Paged", "Paged")  # by index in PoolNode[i].Heaps / SpecialHeaps
+
+MAX_SEGMENTS = 1 << 16  # per segment context (64 GiB of 1 MiB segments): a bound, not a Windows limit
+MAX_SLIST_ENTRIES = 1 << 12  # per lookaside / delay-free list
+MAX_RANGE_HOPS = 4  # UnitOffset links followed back to the first descriptor of a range
+
+_SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)  # the kernel's ISF lacks a type or field
+
+
+def _reports_missing_symbols(walker):
+    """A walker over a kernel whose ISF lacks a segment heap type yields a Finding instead of raising."""
+
+    @functools.wraps(walker)
+    def guarded(kernel, *args, **kwargs):
+        try:
+            yield from walker(kernel, *args, **kwargs)
+        except _SYMBOLS_MISSING as error:
+            yield Finding(0, f"{walker.__name__}: kernel symbols lack {error}")
+
+    return guarded
+
+
+# --------------------------------------------------------------------------- layout from the ISF
+
+
+@dataclass(frozen=True)
+class BitField:
+    """Where a field lives: storage unit (byte offset and size) and the bits used inside it."""
+
+    offset: int
+    size: int
+    bit_position: int = 0
+    bit_length: int | None = None
+
+    @property
+    def mask(self) -> int:
+        return (1 << (self.bit_length if self.bit_length is not None else self.size * 8)) - 1
+
+    def read(self, data: bytes, base: int = 0) -> int:
+        start = base + self.offset
+        raw = int.from_bytes(data[start : start + self.size], "little")
+        return (raw >> self.bit_position) & self.mask
+
+    @property
+    def alone(self) -> "BitField":
+        """The same bits, for a buffer that starts at the field's storage unit."""
+        return replace(self, offset=0)
+
+    def of(self, value: int) -> int:
+        """The field taken from an integer that holds the whole structure (e.g. ``HeaderBits``)."""
+        return (value >> (self.offset * 8 + self.bit_position)) & self.mask
+
+
+class _Types(Protocol):
+    def field(self, type_name: str, path: str) -> BitField: ...
+
+    def size(self, type_name: str) -> int: ...
+
+
+class _IsfTypes:
+    """Field lookups over a loaded ISF JSON dict (tests and tools without Volatility)."""
+
+    def __init__(self, isf: dict):
+        self._isf = isf
+
+    def _type_size(self, ref: dict) -> int:
+        kind = ref["kind"]
+        if kind == "base":
+            return self._isf["base_types"][ref["name"]]["size"]
+        if kind == "pointer":
+            return self._isf["base_types"]["pointer"]["size"]
+        if kind == "array":
+            return ref["count"] * self._type_size(ref["subtype"])
+        if kind == "enum":
+            return self._isf["enums"][ref["name"]]["size"]
+        return self._isf["user_types"][ref["name"]]["size"]
+
+    def field(self, type_name: str, path: str) -> BitField:
+        offset, ref = 0, {"kind": "struct", "name": type_name}
+        for part in path.split("."):
+            member = self._isf["user_types"][ref["name"]]["fields"][part]
+            offset += member["offset"]
+            ref = member["type"]
+        if ref["kind"] == "bitfield":
+            return BitField(offset, self._type_size(ref["type"]), ref["bit_position"], ref["bit_length"])
+        return BitField(offset, self._type_size(ref))
+
+    def size(self, type_name: str) -> int:
+        return self._isf["user_types"][type_name]["size"]
+
+
+class _KernelTypes:
+    """Field lookups through the image's kernel symbol table (nested structures resolved on the way)."""
+
+    def __init__(self, kernel: Kernel):
+        self._kernel = kernel
+
+    def _resolve(self, template):
+        if isinstance(template, templates.ReferenceTemplate):
+            return self._kernel.context.symbol_space.get_type(template.vol.type_name)
+        return template
+
+    def field(self, type_name: str, path: str) -> BitField:
+        template = self._kernel.module.get_type(type_name)
+        offset = 0
+        for part in path.split("."):
+            template = self._resolve(template)
+            if part not in template.vol.members:
+                raise KeyError(f"{type_name}.{path}")
+            offset += template.relative_child_offset(part)
+            template = self._resolve(template.vol.members[part][1])
+        if "start_bit" in template.vol:
+            start, end = template.vol.start_bit, template.vol.end_bit
+            return BitField(offset, template.vol.base_type.size, start, end - start)
+        return BitField(offset, template.size)
+
+    def size(self, type_name: str) -> int:
+        return self._kernel.type_size(type_name)
+
+
+def _offset(kernel: Kernel, type_name: str, path: str) -> int:
+    """Offset of a (dotted) field, following nested structures."""
+    return _KernelTypes(kernel).field(type_name, path).offset
+
+
+@dataclass(frozen=True)
+class SegHeapLayout:
+    """The bits of the segment heap and pool header the decoders need, taken from one kernel's ISF."""
+
+    unit: int  # pool block unit: sizeof(_POOL_HEADER), 16 on x64
+    vs_header_size: int  # sizeof(_HEAP_VS_CHUNK_HEADER)
+    vs_header_bits: BitField  # _HEAP_VS_CHUNK_HEADER.Sizes.HeaderBits, the encoded word
+    vs_memory_cost: BitField  # relative to _HEAP_VS_CHUNK_HEADER_SIZE
+    vs_unsafe_size: BitField
+    vs_unsafe_prev_size: BitField
+    vs_allocated: BitField
+    vs_subsegment_size: int  # sizeof(_HEAP_VS_SUBSEGMENT)
+    vs_sub_size: BitField
+    vs_sub_signature: BitField
+    lfh_block_size: BitField  # relative to _HEAP_LFH_SUBSEGMENT_ENCODED_OFFSETS
+    lfh_first_block_offset: BitField
+    pool_previous_size: BitField
+    pool_index: BitField
+    pool_block_size: BitField
+    pool_type: BitField
+    pool_tag: BitField
+    pool_process_billed: BitField | None  # absent on x86
+
+    @classmethod
+    def from_isf(cls, isf: dict) -> "SegHeapLayout":
+        return _build_layout(_IsfTypes(isf))
+
+    @classmethod
+    def from_kernel(cls, kernel: Kernel) -> "SegHeapLayout":
+        return _layout(kernel)
+
+
+def _build_layout(types: _Types) -> SegHeapLayout:
+    size_type, offsets_type, pool = "_HEAP_VS_CHUNK_HEADER_SIZE", "_HEAP_LFH_SUBSEGMENT_ENCODED_OFFSETS", "_POOL_HEADER"
+    try:
+        billed = types.field(pool, "ProcessBilled")
+    except KeyError:
+        billed = None
+    return SegHeapLayout(
+        unit=types.size(pool),
+        vs_header_size=types.size("_HEAP_VS_CHUNK_HEADER"),
+        vs_header_bits=types.field("_HEAP_VS_CHUNK_HEADER", "Sizes.HeaderBits"),
+        vs_memory_cost=types.field(size_type, "MemoryCost"),
+        vs_unsafe_size=types.field(size_type, "UnsafeSize"),
+        vs_unsafe_prev_size=types.field(size_type, "UnsafePrevSize"),
+        vs_allocated=types.field(size_type, "Allocated"),
+        vs_subsegment_size=types.size("_HEAP_VS_SUBSEGMENT"),
+        vs_sub_size=types.field("_HEAP_VS_SUBSEGMENT", "Size"),
+        vs_sub_signature=types.field("_HEAP_VS_SUBSEGMENT", "Signature"),
+        lfh_block_size=types.field(offsets_type, "BlockSize"),
+        lfh_first_block_offset=types.field(offsets_type, "FirstBlockOffset"),
+        pool_previous_size=types.field(pool, "PreviousSize"),
+        pool_index=types.field(pool, "PoolIndex"),
+        pool_block_size=types.field(pool, "BlockSize"),
+        pool_type=types.field(pool, "PoolType"),
+        pool_tag=types.field(pool, "PoolTag"),
+        pool_process_billed=billed,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(kernel: Kernel) -> SegHeapLayout:
+    return _build_layout(_KernelTypes(kernel))
+
+
+# --------------------------------------------------------------------------- pure decoders
+
+
+@dataclass(frozen=True)
+class VsHeader:
+    """A decoded ``_HEAP_VS_CHUNK_HEADER.Sizes``; sizes in bytes, including the chunk header."""
+
+    memory_cost: int
+    size: int
+    previous_size: int
+    allocated: bool
+
+
+def decode_vs_header(header_bits: int, chunk_address: int, heap_key: int, layout: SegHeapLayout) -> VsHeader:
+    """``HeaderBits`` is stored XORed with the chunk header's own address and ``RtlpHpHeapGlobals.HeapKey``."""
+    bits = (header_bits ^ chunk_address ^ heap_key) & 0xFFFFFFFFFFFFFFFF
+    return VsHeader(
+        memory_cost=layout.vs_memory_cost.of(bits),
+        size=layout.vs_unsafe_size.of(bits) * layout.unit,
+        previous_size=layout.vs_unsafe_prev_size.of(bits) * layout.unit,
+        allocated=layout.vs_allocated.of(bits) != 0,
+    )
+
+
+def decode_lfh_offsets(
+    encoded: int, lfh_key: int, subsegment_address: int, layout: SegHeapLayout, shift_full_address: bool = False
+) -> tuple[int, int]:
+    """``BlockOffsets.EncodedData`` -> (BlockSize, FirstBlockOffset) in bytes.
+
+    The key is ``(u32)LfhKey ^ ((u32)subsegment >> 12)``; from build 26100 the address is shifted
+    before it is truncated (``shift_full_address``).
+    """
+    shifted = (subsegment_address >> 12) if shift_full_address else ((subsegment_address & 0xFFFFFFFF) >> 12)
+    value = (encoded ^ lfh_key ^ shifted) & 0xFFFFFFFF
+    return layout.lfh_block_size.of(value), layout.lfh_first_block_offset.of(value)
+
+
+def segment_context_of(signature: int, segment: int, heap_key: int, key_constant: int = PAGE_SEGMENT_KEY) -> int:
+    """The ``_HEAP_SEG_CONTEXT`` address a segment's signature names: how any address leads to its heap."""
+    return (signature ^ segment ^ heap_key ^ key_constant) & 0xFFFFFFFFFFFFFFFF
+
+
+def segment_signature_ok(
+    signature: int, segment: int, seg_context: int, heap_key: int, key_constant: int = PAGE_SEGMENT_KEY
+) -> bool:
+    return segment_context_of(signature, segment, heap_key, key_constant) == seg_context
+
+
+def vs_subsegment_signature_ok(size: int, signature: int) -> bool:
+    return (signature ^ VS_SUBSEGMENT_KEY) == size
+
+
+def lfh_block_allocated(bitmap: bytes, index: int) -> bool:
+    """``BlockBitmap`` keeps two bits per block; a block is handed out iff they read 01."""
+    bit = index * 2
+    if bit // 8 >= len(bitmap):
+        return False
+    return (bitmap[bit // 8] >> (bit % 8)) & 3 == 1
+
+
+class RangeKind(str, enum.Enum):
+    VS = "VS"
+    LFH = "LFH"
+    LARGE = "Large"  # a page range allocated as one block (no pool header; tracked in the big page table)
+
+
+def classify_range(flags: int) -> RangeKind | None:
+    """The backend behind the first descriptor of a busy page range, or None for free/continuation units."""
+    if flags & (RANGE_ALLOCATED | RANGE_FIRST) != RANGE_ALLOCATED | RANGE_FIRST:
+        return None
+    if flags & RANGE_SUBSEGMENT:
+        return RangeKind.VS if flags & RANGE_VS else RangeKind.LFH
+    return RangeKind.LARGE
+
+
+@dataclass(frozen=True)
+class PoolHeader:
+    """A decoded ``_POOL_HEADER``; sizes in bytes."""
+
+    previous_size: int
+    pool_index: int
+    block_size: int
+    pool_type: int
+    tag: bytes
+    process_billed: int | None
+
+
+def decode_pool_header(data: bytes, layout: SegHeapLayout, base: int = 0) -> PoolHeader:
+    tag = layout.pool_tag
+    billed = layout.pool_process_billed
+    return PoolHeader(
+        previous_size=layout.pool_previous_size.read(data, base) * layout.unit,
+        pool_index=layout.pool_index.read(data, base),
+        block_size=layout.pool_block_size.read(data, base) * layout.unit,
+        pool_type=layout.pool_type.read(data, base),
+        tag=bytes(data[base + tag.offset : base + tag.offset + tag.size]),
+        process_billed=billed.read(data, base) if billed is not None else None,
+    )
+
+
+def vs_free_tag(raw_header: bytes, layout: SegHeapLayout) -> bytes:
+    """What WinDbg shows as the tag of a free VS chunk: bytes 4..8 of the still-encoded header."""
+    start = layout.vs_header_bits.offset + 4
+    return bytes(raw_header[start : start + 4])
+
+
+def vs_pool_header_address(heap_block: int, unit: int) -> int:
+    """Where the pool puts its header in a VS block: right at the block, except in a page's last unit.
+
+    A header there would leave the body page aligned, which the free path reads as a big-page
+    allocation, so the pool moves the header to the start of the next page.
+    """
+    return heap_block + unit if heap_block % PAGE_SIZE == PAGE_SIZE - unit else heap_block
+
+
+def vs_block_has_pool_header(heap_block: int, block_size: int, unit: int) -> bool:
+    """Requests above a page minus a header get no pool header (they are big-page-table allocations)."""
+    if vs_pool_header_address(heap_block, unit) != heap_block:
+        return block_size <= PAGE_SIZE
+    return block_size <= PAGE_SIZE - unit
+
+
+# --------------------------------------------------------------------------- reading the image
+
+
+class _Pages:
+    """Reads the image a page at a time and keeps the pages, so a walk touches each page once."""
+
+    def __init__(self, kernel: Kernel):
+        self._kernel = kernel
+        self._pages: dict[int, bytes | None] = {}
+
+    def _page(self, base: int) -> bytes | None:
+        if base not in self._pages:
+            try:
+                self._pages[base] = self._kernel.read(base, PAGE_SIZE)
+            except exceptions.InvalidAddressException:
+                self._pages[base] = None
+        return self._pages[base]
+
+    def read(self, address: int, size: int) -> bytes | None:
+        out = bytearray()
+        while size > 0:
+            base = address & ~(PAGE_SIZE - 1)
+            page = self._page(base)
+            if page is None:
+                return None
+            take = min(size, base + PAGE_SIZE - address)
+            out += page[address - base : address - base + take]
+            address, size = address + take, size - take
+        return bytes(out)
+
+
+def _read(kernel: Kernel, address: int, size: int) -> bytes | None:
+    try:
+        return kernel.read(address, size)
+    except exceptions.InvalidAddressException:
+        return None
+
+
+def _uint(kernel: Kernel, address: int, size: int) -> int | None:
+    data = _read(kernel, address, size)
+    return None if data is None else int.from_bytes(data, "little")
+
+
+def _array_count(kernel: Kernel, type_name: str, field: str) -> int:
+    return kernel.module.get_type(type_name).vol.members[field][1].vol.count
+
+
+@functools.lru_cache(maxsize=8)
+def _pointer_size(kernel: Kernel) -> int:
+    return kernel.module.get_type("pointer").size
+
+
+def _pointer(kernel: Kernel, address: int) -> int | None:
+    return _uint(kernel, address, _pointer_size(kernel))
+
+
+def _field(kernel: Kernel, base: int, type_name: str, path: str) -> int | None:
+    """One field of the structure at ``base``, read with the width and bits the ISF gives it."""
+    where = _KernelTypes(kernel).field(type_name, path)
+    data = _read(kernel, base + where.offset, where.size)
+    return None if data is None else where.alone.read(data)
+
+
+@functools.lru_cache(maxsize=16)
+def _global(kernel: Kernel, name: str, size: int) -> int | None:
+    """A kernel variable, or None when the symbol is missing or its page is not in the image."""
+    if not kernel.has_symbol(name):
+        return None
+    return _uint(kernel, kernel.symbol_address(name), size)
+
+
+# --------------------------------------------------------------------------- heaps and keys
+
+
+@dataclass(frozen=True)
+class HeapKeys:
+    heap_key: int
+    lfh_key: int
+
+
+def heap_keys(kernel: Kernel) -> HeapKeys | Finding:
+    """``RtlpHpHeapGlobals.{HeapKey, LfhKey}``; found through ``ExPoolState.HeapManager.Globals`` when unnamed."""
+    globals_type = "_RTLP_HP_HEAP_GLOBALS"
+    try:
+        if kernel.has_symbol("RtlpHpHeapGlobals"):
+            address: int | None = kernel.symbol_address("RtlpHpHeapGlobals")
+        else:
+            pointer_at = kernel.symbol_address("ExPoolState")
+            pointer_at += _offset(kernel, "_EX_POOL_HEAP_MANAGER_STATE", "HeapManager.Globals")
+            address = _pointer(kernel, pointer_at)
+        if address is None:
+            return Finding(0, "RtlpHpHeapGlobals: pointer in ExPoolState unreadable")
+        heap_key = _field(kernel, address, globals_type, "HeapKey")
+        lfh_key = _field(kernel, address, globals_type, "LfhKey")
+    except _SYMBOLS_MISSING as error:
+        return Finding(0, f"segment heap keys: kernel symbols lack {error}")
+    if heap_key is None or lfh_key is None:
+        return Finding(address, "RtlpHpHeapGlobals unreadable")
+    return HeapKeys(heap_key, lfh_key)
+
+
+@dataclass(frozen=True)
+class PoolHeap:
+    address: int
+    pool: str  # NonPaged, NonPagedNx, Paged
+    node: int  # pool node index, -1 for ExPoolState.SpecialHeaps
+    index: int  # index in Heaps[] / SpecialHeaps[]
+
+    @property
+    def special(self) -> bool:
+        return self.node < 0
+
+
+def pool_heaps(kernel: Kernel) -> list[PoolHeap | Finding]:
+    """Every pool heap under ``ExPoolState``; heaps whose ``_SEGMENT_HEAP.Signature`` is wrong become Findings."""
+    state_type, node_type = "_EX_POOL_HEAP_MANAGER_STATE", "_EX_HEAP_POOL_NODE"
+    try:
+        state = kernel.symbol_address("ExPoolState")
+        pools_count = _field(kernel, state, state_type, "NumberOfPools")
+        node_base = state + kernel.field_offset(state_type, "PoolNode")
+        node_size = kernel.type_size(node_type)
+        max_nodes = _array_count(kernel, state_type, "PoolNode")
+        heaps_offset = kernel.field_offset(node_type, "Heaps")
+        heaps_per_node = _array_count(kernel, node_type, "Heaps")
+        special_base = state + kernel.field_offset(state_type, "SpecialHeaps")
+        special_count = _array_count(kernel, state_type, "SpecialHeaps")
+        pointer = _pointer_size(kernel)
+        _offset(kernel, "_SEGMENT_HEAP", "Signature")
+    except _SYMBOLS_MISSING as error:
+        return [Finding(0, f"pool heaps: kernel symbols lack {error}")]
+    if pools_count is None:
+        return [Finding(state, "ExPoolState.NumberOfPools unreadable")]
+    slots = [
+        (node, index, node_base + node * node_size + heaps_offset + index * pointer)
+        for node in range(min(pools_count, max_nodes))
+        for index in range(heaps_per_node)
+    ]
+    slots += [(-1, index, special_base + index * pointer) for index in range(special_count)]
+    out: list[PoolHeap | Finding] = []
+    seen: set[int] = set()
+    for node, index, slot in slots:
+        address = _pointer(kernel, slot)
+        if address is None:
+            out.append(Finding(slot, "pool heap pointer unreadable"))
+            continue
+        if address == 0 or address in seen:
+            continue
+        seen.add(address)
+        signature = _field(kernel, address, "_SEGMENT_HEAP", "Signature")
+        if signature != SEGMENT_HEAP_SIGNATURE:
+            shown = "unreadable" if signature is None else f"{signature:#x}"
+            out.append(Finding(address, f"_SEGMENT_HEAP signature {shown}, expected {SEGMENT_HEAP_SIGNATURE:#x}"))
+            continue
+        name = HEAP_POOL_NAMES[index] if index < len(HEAP_POOL_NAMES) else ""
+        out.append(PoolHeap(address, name, node, index))
+    return out
+
+
+# --------------------------------------------------------------------------- segments and page ranges
+
+
+@dataclass(frozen=True)
+class SegContext:
+    """One ``_SEGMENT_HEAP.SegContexts[k]``: how its segments are sized and cut into units."""
+
+    address: int
+    heap: PoolHeap
+    index: int
+    segment_mask: int
+    unit_shift: int
+    first_descriptor_index: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    address: int
+    context: SegContext
+
+    @property
+    def size(self) -> int:
+        return (~self.context.segment_mask & 0xFFFFFFFFFFFFFFFF) + 1
+
+
+@dataclass(frozen=True)
+class PageRange:
+    """A busy page range: a VS or LFH subsegment, or one block allocated as a whole."""
+
+    address: int
+    size: int
+    kind: RangeKind
+    descriptor_index: int
+    flags: int
+    segment: Segment
+
+
+def seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
+    """The heap's ``SegContexts[]``: segment size (mask), unit size (shift) and first usable descriptor."""
+    try:
+        return _seg_contexts(kernel, heap)
+    except _SYMBOLS_MISSING as error:
+        return [Finding(heap.address, f"segment contexts: kernel symbols lack {error}")]
+
+
+def _seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
+    heap_type, ctx_type = "_SEGMENT_HEAP", "_HEAP_SEG_CONTEXT"
+    types = _KernelTypes(kernel)
+    first = heap.address + kernel.field_offset(heap_type, "SegContexts")
+    size = kernel.type_size(ctx_type)
+    out: list[SegContext | Finding] = []
+    for index in range(_array_count(kernel, heap_type, "SegContexts")):
+        address = first + index * size
+        data = _read(kernel, address, size)
+        if data is None:
+            out.append(Finding(address, "_HEAP_SEG_CONTEXT unreadable"))
+            continue
+        names = ("SegmentMask", "UnitShift", "FirstDescriptorIndex")
+        out.append(SegContext(address, heap, index, *(types.field(ctx_type, name).read(data) for name in names)))
+    return out
+
+
+def _signature_owner(signature: int, segment: int, heap_key: int, contexts: dict[int, SegContext]) -> SegContext | None:
+    """The context a segment signature names; both key constants are tried (the constant is zero from 26100)."""
+    for constant in (PAGE_SEGMENT_KEY, 0):
+        found = contexts.get(segment_context_of(signature, segment, heap_key, constant))
+        if found is not None:
+            return found
+    return None
+
+
+@_reports_missing_symbols
+def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Iterator[Segment | Finding]:
+    """Segments on each ``SegContexts[k].SegmentListHead``, each checked against its signature."""
+    if heap_key is None:
+        keys = heap_keys(kernel)
+        if isinstance(keys, Finding):
+            yield keys
+            return
+        heap_key = keys.heap_key
+    head_offset = _offset(kernel, "_HEAP_SEG_CONTEXT", "SegmentListHead.Flink")
+    link_offset = _offset(kernel, "_HEAP_PAGE_SEGMENT", "ListEntry.Flink")
+    for context in seg_contexts(kernel, heap):
+        if isinstance(context, Finding):
+            yield context
+            continue
+        head = context.address + head_offset
+        entry = _pointer(kernel, head)
+        seen: set[int] = set()
+        while entry != head:
+            if entry is None:
+                yield Finding(head, "segment list link unreadable")
+                break
+            if entry in seen or len(seen) >= MAX_SEGMENTS:
+                yield Finding(entry, "segment list loops or is too long")
+                break
+            seen.add(entry)
+            segment = entry - link_offset
+            signature = _field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
+            if segment & ~context.segment_mask & 0xFFFFFFFFFFFFFFFF:
+                yield Finding(segment, "segment not aligned to its context's SegmentMask")
+            elif signature is None or not _signature_owner(signature, segment, heap_key, {context.address: context}):
+                yield Finding(segment, "_HEAP_PAGE_SEGMENT signature does not name its context")
+            else:
+                yield Segment(segment, context)
+            entry = _pointer(kernel, entry)
+
+
+@dataclass(frozen=True)
+class _Descriptors:
+    """The raw descriptor array of one segment, with field positions from the ISF."""
+
+    data: bytes
+    size: int
+    flags: BitField
+    unit_size: BitField
+    unit_offset: BitField
+    signature: BitField
+
+    def entry(self, index: int) -> tuple[int, int, int, int]:
+        base = index * self.size
+        return (
+            self.flags.read(self.data, base),
+            self.unit_size.read(self.data, base),
+            self.unit_offset.read(self.data, base),
+            self.signature.read(self.data, base),
+        )
+
+
+def _descriptors(kernel: Kernel, segment: Segment) -> _Descriptors | Finding:
+    desc_type = "_HEAP_PAGE_RANGE_DESCRIPTOR"
+    types = _KernelTypes(kernel)
+    count = _array_count(kernel, "_HEAP_PAGE_SEGMENT", "DescArray")
+    size = kernel.type_size(desc_type)
+    start = segment.address + kernel.field_offset("_HEAP_PAGE_SEGMENT", "DescArray")
+    data = _read(kernel, start, count * size)
+    if data is None:
+        return Finding(start, "page range descriptors unreadable")
+    return _Descriptors(
+        data,
+        size,
+        types.field(desc_type, "RangeFlags"),
+        types.field(desc_type, "UnitSize"),
+        types.field(desc_type, "UnitOffset"),
+        types.field(desc_type, "TreeSignature"),
+    )
+
+
+def _range_at(segment: Segment, descriptors: _Descriptors, index: int) -> PageRange | Finding | None:
+    flags, unit_size, _, signature = descriptors.entry(index)
+    kind = classify_range(flags)
+    if kind is None:
+        return None
+    address = segment.address + (index << segment.context.unit_shift)
+    if signature != DESCRIPTOR_SIGNATURE or unit_size == 0:
+        return Finding(address, f"page range descriptor {index} damaged (signature {signature:#x}, units {unit_size})")
+    return PageRange(address, unit_size << segment.context.unit_shift, kind, index, flags, segment)
+
+
+@_reports_missing_symbols
+def page_ranges(kernel: Kernel, segment: Segment) -> Iterator[PageRange | Finding]:
+    """Busy page ranges of a segment, in address order, from its descriptor array."""
+    descriptors = _descriptors(kernel, segment)
+    if isinstance(descriptors, Finding):
+        yield descriptors
+        return
+    count = len(descriptors.data) // descriptors.size
+    index = segment.context.first_descriptor_index
+    while index < count:
+        flags, unit_size, _, _ = descriptors.entry(index)
+        found = _range_at(segment, descriptors, index)
+        if found is not None:
+            yield found
+        starts_range = flags & RANGE_FIRST and unit_size
+        index += unit_size if starts_range else 1
+
+
+def _range_of(segment: Segment, descriptors: _Descriptors, address: int) -> PageRange | Finding:
+    """The busy range holding ``address``: later units point back to the first one with ``UnitOffset``."""
+    index = (address - segment.address) >> segment.context.unit_shift
+    if index < segment.context.first_descriptor_index:
+        return Finding(address, "address is inside the segment's own descriptor pages")
+    if index >= len(descriptors.data) // descriptors.size:
+        return Finding(address, "address is past the segment's last descriptor")
+    for _ in range(MAX_RANGE_HOPS):
+        flags, _, unit_offset, _ = descriptors.entry(index)
+        if not flags & RANGE_ALLOCATED:
+            return Finding(address, "address is in a free page range")
+        if flags & RANGE_FIRST:
+            found = _range_at(segment, descriptors, index)
+            if isinstance(found, PageRange) and not found.address <= address < found.address + found.size:
+                return Finding(address, f"page range at {found.address:#x} ({found.size:#x} bytes) does not cover it")
+            return found if found is not None else Finding(address, f"page range flags {flags:#x} not understood")
+        if unit_offset == 0 or unit_offset > index:
+            break
+        index -= unit_offset
+    return Finding(address, "page range descriptor back-links do not reach a first unit")
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What every chunk walk carries along: where to read, how to decode, how to label."""
+
+    kernel: Kernel
+    pages: _Pages
+    layout: SegHeapLayout
+    pool: str
+    cached: frozenset[int]
+
+    @classmethod
+    def of(cls, kernel: Kernel, pool: str, cached: frozenset[int]) -> "_Walk":
+        return cls(kernel, _Pages(kernel), _layout(kernel), pool, cached)
+
+    def field(self, base: int, type_name: str, path: str) -> int | None:
+        where = _KernelTypes(self.kernel).field(type_name, path)
+        data = self.pages.read(base + where.offset, where.size)
+        return None if data is None else where.alone.read(data)
+
+
+def _quota_process(walk: _Walk, header: PoolHeader, header_address: int) -> int | None:
+    """ProcessBilled of a quota charge is ``header address ^ ExpPoolQuotaCookie ^ process``."""
+    if not header.pool_type & POOL_QUOTA or not header.process_billed:
+        return None
+    cookie = _global(walk.kernel, "ExpPoolQuotaCookie", _pointer_size(walk.kernel))
+    if cookie is None:
+        return None
+    return header.process_billed ^ cookie ^ header_address
+
+
+def _body(walk: _Walk, header: PoolHeader, address: int) -> int:
+    """The caller's body; a cache-aligned block may carry a second header whose PreviousSize points back here."""
+    unit = walk.layout.unit
+    plain = address + unit
+    cache_line = _global(walk.kernel, "ExpCacheLineSize", 4)
+    if not header.pool_type & POOL_CACHE_ALIGNED or not cache_line:
+        return plain
+    for step in range(1, cache_line // unit + 1):
+        candidate = address + step * unit
+        if candidate + unit > address + header.block_size:
+            break
+        data = walk.pages.read(candidate, unit)
+        if data is None:
+            break
+        second = decode_pool_header(data, walk.layout)
+        if second.previous_size == step * unit and second.tag == header.tag and second.pool_type & POOL_CACHE_ALIGNED:
+            return candidate + unit
+    return plain
+
+
+def _cached(cached: frozenset[int], *addresses: int) -> bool:
+    """Lookaside and delay-free entries are taken to point at the heap block, the pool header or the body."""
+    return any(address in cached for address in addresses)
+
+
+def _pool_chunk(
+    walk: _Walk, address: int, backing: Backing, allocated: bool, heap_block: int, size: int | None = None
+) -> Chunk:
+    """The chunk whose ``_POOL_HEADER`` is at ``address``; ``size`` overrides BlockSize (LFH slots)."""
+    data = walk.pages.read(address, walk.layout.unit)
+    if data is None:
+        state = State.UNREADABLE if allocated else State.FREE
+        return Chunk(address, size or 0, 0, b"", state, backing, walk.pool)
+    header = decode_pool_header(data, walk.layout)
+    state, body, quota = State.FREE, None, None
+    if allocated:
+        body = _body(walk, header, address)
+        state = State.CACHED_FREE if _cached(walk.cached, heap_block, address, body) else State.ALLOCATED
+        quota = _quota_process(walk, header, address)
+    return Chunk(
+        address=address,
+        size=header.block_size if size is None else size,
+        previous_size=header.previous_size,
+        tag=header.tag,
+        state=state,
+        backing=backing,
+        pool=walk.pool,
+        pool_type=header.pool_type,
+        body=body,
+        quota_process=quota,
+    )
+
+
+def _vs_walk(walk: _Walk, subsegment: int, heap_key: int) -> Iterator[tuple[Chunk | Finding, int, int]]:
+    """VS chunks, each with the extent of its VS chunk (chunk header included) for owner lookups."""
+    layout = walk.layout
+    head = walk.pages.read(subsegment, layout.vs_subsegment_size)
+    if head is None:
+        yield Finding(subsegment, "VS subsegment header unreadable"), subsegment, subsegment
+        return
+    size = layout.vs_sub_size.read(head)
+    signature = layout.vs_sub_signature.read(head)
+    if not vs_subsegment_signature_ok(size, signature):
+        problem = f"VS subsegment signature {signature:#x} does not match size {size:#x}"
+        yield Finding(subsegment, problem), subsegment, subsegment
+        return
+    end = subsegment + size * layout.unit
+    chunk = subsegment + -(-layout.vs_subsegment_size // layout.unit) * layout.unit
+    previous: int | None = None
+    while chunk + layout.vs_header_size <= end:
+        raw = walk.pages.read(chunk, layout.vs_header_size)
+        if raw is None:
+            yield Finding(chunk, "VS chunk header unreadable"), chunk, chunk
+            return
+        header = decode_vs_header(layout.vs_header_bits.read(raw), chunk, heap_key, layout)
+        problem = None
+        if header.size < layout.vs_header_size:
+            problem = f"VS chunk size {header.size:#x} too small"
+        elif chunk + header.size > end:
+            problem = f"VS chunk size {header.size:#x} runs past the subsegment end {end:#x}"
+        elif previous is not None and header.previous_size != previous:
+            problem = f"VS chunk previous size {header.previous_size:#x} != {previous:#x}"
+        if problem:
+            yield Finding(chunk, problem), chunk, chunk
+            return
+        chunk_end = chunk + header.size
+        if header.allocated:
+            yield _vs_allocated(walk, chunk, chunk_end), chunk, chunk_end
+        else:
+            tag = vs_free_tag(raw, layout)
+            free = Chunk(chunk, header.size, header.previous_size, tag, State.FREE, Backing.VS, walk.pool)
+            yield free, chunk, chunk_end
+        previous = header.size
+        chunk = chunk_end
+
+
+def _vs_allocated(walk: _Walk, chunk: int, chunk_end: int) -> Chunk:
+    unit = walk.layout.unit
+    heap_block = chunk + walk.layout.vs_header_size
+    block_size = chunk_end - heap_block
+    if not vs_block_has_pool_header(heap_block, block_size, unit):
+        state = State.CACHED_FREE if _cached(walk.cached, heap_block) else State.ALLOCATED
+        return Chunk(heap_block, block_size, 0, b"", state, Backing.VS, walk.pool, body=heap_block)
+    address = vs_pool_header_address(heap_block, unit)
+    found = _pool_chunk(walk, address, Backing.VS, True, heap_block)
+    return found if found.state is not State.UNREADABLE else replace(found, size=chunk_end - address)
+
+
+@_reports_missing_symbols
+def vs_chunks(
+    kernel: Kernel, subsegment_address: int, heap_key: int, pool: str = "", cached: frozenset[int] = frozenset()
+) -> Iterator[Chunk | Finding]:
+    """Chunks of one VS subsegment in address order.
+
+    Allocated chunks are listed at their pool header (size = BlockSize * unit); free ones at their VS chunk
+    header, with the chunk size and, as tag, bytes 4..8 of the still-encoded header (what WinDbg prints).
+    A chunk header that does not decode ends the walk with a Finding.
+    """
+    for item, _, _ in _vs_walk(_Walk.of(kernel, pool, cached), subsegment_address, heap_key):
+        yield item
+
+
+def _lfh_walk(
+    walk: _Walk, subsegment: int, lfh_key: int, range_size: int | None = None, page: int | None = None
+) -> Iterator[Chunk | Finding]:
+    sub_type = "_HEAP_LFH_SUBSEGMENT"
+    encoded = walk.field(subsegment, sub_type, "BlockOffsets.EncodedData")
+    count = walk.field(subsegment, sub_type, "BlockCount")
+    if encoded is None or count is None:
+        yield Finding(subsegment, "LFH subsegment header unreadable")
+        return
+    bitmap_offset = walk.kernel.field_offset(sub_type, "BlockBitmap")
+    decoded = _plausible_lfh_offsets(encoded, lfh_key, subsegment, walk.layout, bitmap_offset)
+    if decoded is None:
+        yield Finding(subsegment, "LFH BlockOffsets do not decode to a usable block size and first offset")
+        return
+    block_size, first = decoded
+    bitmap = walk.pages.read(subsegment + bitmap_offset, (count * 2 + 7) // 8)
+    if bitmap is None:
+        yield Finding(subsegment + bitmap_offset, "LFH block bitmap unreadable")
+        return
+    end = subsegment + range_size if range_size else None
+    for index in range(count):
+        address = subsegment + first + index * block_size
+        if end is not None and address + block_size > end:
+            yield Finding(address, f"LFH BlockCount {count} runs past the page range end {end:#x}")
+            return
+        if address // PAGE_SIZE != (address + block_size - 1) // PAGE_SIZE:
+            continue  # slots that would straddle a page are never handed out
+        if page is not None and address & ~(PAGE_SIZE - 1) != page:
+            continue
+        yield _pool_chunk(walk, address, Backing.LFH, lfh_block_allocated(bitmap, index), address, block_size)
+
+
+def _plausible_lfh_offsets(
+    encoded: int, lfh_key: int, subsegment: int, layout: SegHeapLayout, bitmap_offset: int
+) -> tuple[int, int] | None:
+    """Decode BlockOffsets the pre-26100 way, else the 26100 way; keep whichever gives a sane layout."""
+    for full in (False, True):
+        block_size, first = decode_lfh_offsets(encoded, lfh_key, subsegment, layout, full)
+        sizes_ok = layout.unit <= block_size <= PAGE_SIZE and block_size % layout.unit == 0
+        if sizes_ok and bitmap_offset < first and first % layout.unit == 0:
+            return block_size, first
+    return None
+
+
+@_reports_missing_symbols
+def lfh_blocks(
+    kernel: Kernel,
+    subsegment_address: int,
+    lfh_key: int,
+    pool: str = "",
+    cached: frozenset[int] = frozenset(),
+    range_size: int | None = None,
+) -> Iterator[Chunk | Finding]:
+    """Blocks of one LFH subsegment: BlockCount slots of BlockSize from FirstBlockOffset, state from BlockBitmap.
+
+    Slots keep a uniform stride (their index is their bitmap index); the ones that would cross a page
+    boundary are skipped. Each block starts with a ``_POOL_HEADER``; the size reported is the block size.
+    ``range_size`` (the page range's size), when given, bounds the walk.
+    """
+    yield from _lfh_walk(_Walk.of(kernel, pool, cached), subsegment_address, lfh_key, range_size)
+
+
+# --------------------------------------------------------------------------- lookasides and delay-free lists
+
+
+def _slist_entries(kernel: Kernel, header: bytes, base: int, next_entry: BitField) -> Iterator[int]:
+    """Entries of an x64 ``_SLIST_HEADER``: ``HeaderX64.NextEntry`` holds the first entry's address >> 4,
+    each ``_SLIST_ENTRY.Next`` the full address of the next."""
+    link = _offset(kernel, "_SLIST_ENTRY", "Next")
+    entry = next_entry.read(header, base) << next_entry.bit_position
+    seen: set[int] = set()
+    while entry and entry not in seen and len(seen) < MAX_SLIST_ENTRIES:
+        seen.add(entry)
+        yield entry
+        entry = _pointer(kernel, entry + link)
+
+
+def cached_free_addresses(kernel: Kernel) -> frozenset[int]:
+    """Blocks freed into the dynamic lookasides (``ExPoolState.PoolNode[n].Lookasides[k].Buckets[b]``) and
+    the VS delay-free lists: the heap still marks them busy, so walkers report them as cached-free."""
+    state_type, node_type, dyn_type, la_type = (
+        "_EX_POOL_HEAP_MANAGER_STATE", "_EX_HEAP_POOL_NODE", "_RTL_DYNAMIC_LOOKASIDE", "_RTL_LOOKASIDE",
+    )
+    try:
+        next_entry = _KernelTypes(kernel).field("_SLIST_HEADER", "HeaderX64.NextEntry")
+        state = kernel.symbol_address("ExPoolState")
+        pools_count = _field(kernel, state, state_type, "NumberOfPools") or 0
+        node_base = state + kernel.field_offset(state_type, "PoolNode")
+        node_size = kernel.type_size(node_type)
+        lookasides = kernel.field_offset(node_type, "Lookasides")
+        dyn_size = kernel.type_size(dyn_type)
+        dyn_count = _array_count(kernel, node_type, "Lookasides")
+        buckets = kernel.field_offset(dyn_type, "Buckets")
+        bucket_count = _array_count(kernel, dyn_type, "Buckets")
+        la_size = kernel.type_size(la_type)
+        list_head = kernel.field_offset(la_type, "ListHead")
+        delay_free = _offset(kernel, "_SEGMENT_HEAP", "VsContext.DelayFreeContext.ListHead")
+    except _SYMBOLS_MISSING:
+        return frozenset()
+    found: set[int] = set()
+    for node in range(min(pools_count, _array_count(kernel, state_type, "PoolNode"))):
+        start = node_base + node * node_size + lookasides
+        data = _read(kernel, start, dyn_count * dyn_size)
+        if data is None:
+            continue
+        for dyn in range(dyn_count):
+            for bucket in range(bucket_count):
+                base = dyn * dyn_size + buckets + bucket * la_size + list_head
+                found.update(_slist_entries(kernel, data, base, next_entry))
+    for heap in pool_heaps(kernel):
+        if isinstance(heap, PoolHeap):
+            header = _read(kernel, heap.address + delay_free, kernel.type_size("_SLIST_HEADER"))
+            if header is not None:
+                found.update(_slist_entries(kernel, header, 0, next_entry))
+    return frozenset(found)
+
+
+# --------------------------------------------------------------------------- owner lookup
+
+
+@dataclass(frozen=True)
+class OwnerResult:
+    """What ``!pool <address>`` shows on the segment heap: the page's chunks and the one holding the address."""
+
+    address: int
+    heap: PoolHeap | None = None
+    segment: Segment | None = None
+    page_range: PageRange | None = None
+    chunks: tuple[Chunk, ...] = ()
+    owner: Chunk | None = None
+    findings: tuple[Finding, ...] = ()
+
+
+def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | None:
+    contexts: dict[int, SegContext] = {}
+    for heap in pool_heaps(kernel):
+        if isinstance(heap, PoolHeap):
+            contexts.update((c.address, c) for c in seg_contexts(kernel, heap) if isinstance(c, SegContext))
+    for mask in sorted({c.segment_mask for c in contexts.values()}):
+        segment = address & mask
+        signature = _field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
+        if signature is None:
+            continue
+        context = _signature_owner(signature, segment, heap_key, contexts)
+        if context is not None and context.segment_mask == mask:
+            return Segment(segment, context)
+    return None
+
+
+def find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | None = None) -> OwnerResult:
+    """Segment -> page range -> the chunks listed in ``address``'s page, marking the one that holds it.
+
+    VS: every chunk whose listed address is in the page, plus the chunk whose VS extent holds the address
+    (its header may sit on an earlier page). LFH: the blocks of the page. A range allocated as a whole is one
+    chunk with no header (its tag lives in the big page table). ``cached`` defaults to
+    ``cached_free_addresses(kernel)``.
+    """
+    try:
+        return _find_owner_chunks(kernel, address, cached)
+    except _SYMBOLS_MISSING as error:
+        return OwnerResult(address, findings=(Finding(address, f"segment heap owner: kernel symbols lack {error}"),))
+
+
+def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | None) -> OwnerResult:
+    keys = heap_keys(kernel)
+    if isinstance(keys, Finding):
+        return OwnerResult(address, findings=(keys,))
+    segment = _owning_segment(kernel, address, keys.heap_key)
+    if segment is None:
+        return OwnerResult(address, findings=(Finding(address, "not inside a pool segment heap segment"),))
+    heap = segment.context.heap
+    descriptors = _descriptors(kernel, segment)
+    if isinstance(descriptors, Finding):
+        return OwnerResult(address, heap, segment, findings=(descriptors,))
+    page_range = _range_of(segment, descriptors, address)
+    if isinstance(page_range, Finding):
+        return OwnerResult(address, heap, segment, findings=(page_range,))
+    cached = cached_free_addresses(kernel) if cached is None else cached
+    page = address & ~(PAGE_SIZE - 1)
+    walk = _Walk.of(kernel, heap.pool, cached)
+    chunks: list[Chunk] = []
+    findings: list[Finding] = []
+    owner = None
+    if page_range.kind is RangeKind.VS:
+        for item, start, end in _vs_walk(walk, page_range.address, keys.heap_key):
+            if isinstance(item, Finding):
+                findings.append(item)
+                continue
+            holds = start <= address < end
+            if holds:
+                owner = item
+            if holds or item.address & ~(PAGE_SIZE - 1) == page:
+                chunks.append(item)
+    elif page_range.kind is RangeKind.LFH:
+        for item in _lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size, page):
+            if isinstance(item, Finding):
+                findings.append(item)
+                continue
+            chunks.append(item)
+            if item.contains(address):
+                owner = item
+    else:
+        state = State.CACHED_FREE if _cached(cached, page_range.address) else State.ALLOCATED
+        start = page_range.address
+        owner = Chunk(start, page_range.size, 0, b"", state, Backing.LARGE, heap.pool, body=start)
+        chunks.append(owner)
+    return OwnerResult(address, heap, segment, page_range, tuple(chunks), owner, tuple(findings))

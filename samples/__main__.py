@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     result = build_image(args.flavor, args.seed, args.size, args.out)
     print(f"image    {result.image_path}")
     print(f"manifest {result.manifest_path}")
-    print(f"built in {result.seconds:.2f}s, {result.frames_used} pages mapped", file=sys.stderr)
+    print(f"built in {result.seconds:.2f}s: {result.allocations} allocations, {result.frames_used} pages mapped",
+          file=sys.stderr)
     return 0
 
 

@@ -6,9 +6,53 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .classic import ClassicPools
 from .flavors import FLAVORS
 from .image import Image
 from .kernel import build_kernel
+from .objects import ObjectWriter, process_times
+from .pooltables import PoolTables
+from .population import BIG_PROFILES, FREE_SHARE, PROFILES, TagProfile
+from .regions import write_regions
+from .segheap import SegmentHeapPools
+
+DEFAULT_CHUNKS = 6000
+BIG_ALLOCATIONS = 60
+SEED_PAGE_FILLERS = (b"Ntfx", b"FMfn", b"Irp ", b"Vad ", b"Even")
+CACHED_FREE_RANGE = (0x200, 0xF60)  # requests whose block (with its header) fits the dynamic lookaside
+QUOTA_SHARE = 0.05
+CACHE_ALIGNED_SHARE = 0.02
+
+LIVE_PROCESSES = (
+    ("System", 4, 0),
+    ("Registry", 92, 4),
+    ("smss.exe", 340, 4),
+    ("csrss.exe", 444, 432),
+    ("wininit.exe", 516, 432),
+    ("services.exe", 640, 516),
+    ("lsass.exe", 660, 516),
+    ("svchost.exe", 788, 640),
+    ("svchost.exe", 812, 640),
+    ("svchost.exe", 1020, 640),
+    ("spoolsv.exe", 1776, 640),
+    ("MsMpEng.exe", 3476, 640),
+    ("explorer.exe", 4220, 4180),
+    ("cmd.exe", 5012, 4220),
+    ("conhost.exe", 5020, 5012),
+)
+# Processes that exited and whose objects were freed: their bytes linger in free chunks.
+EXITED_PROCESSES = (("notepad.exe", 6144, 4220), ("mimikatz.exe", 6660, 5012), ("setup.exe", 7120, 4220))
+FILES = (
+    "\\Windows\\System32\\config\\SYSTEM",
+    "\\Windows\\System32\\config\\SOFTWARE",
+    "\\Windows\\System32\\ntdll.dll",
+    "\\Windows\\System32\\kernel32.dll",
+    "\\Users\\analyst\\Documents\\report.docx",
+    "\\ProgramData\\Microsoft\\Windows Defender\\Scans\\mpcache.bin",
+    "\\pagefile.sys",
+    "\\$Mft",
+)
+SEED_PROCESS = "MsMpEng.exe"
 
 
 @dataclass(frozen=True)
@@ -17,16 +61,81 @@ class BuildResult:
     manifest_path: Path
     seconds: float
     frames_used: int
+    allocations: int
 
 
-def build_image(flavor_name: str, seed: int, size: int, out_dir: Path) -> BuildResult:
+def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: int = DEFAULT_CHUNKS) -> BuildResult:
     started = time.perf_counter()
     image = Image(FLAVORS[flavor_name], seed, size)
     build_kernel(image)
+    write_regions(image)
+    tables = PoolTables(processors=2)
+    pools = SegmentHeapPools(image, tables) if image.flavor.segment_heap else ClassicPools(image, tables)
+    writer = ObjectWriter(image, pools)
+    writer.write_type_table()
+    processes = _place_processes(image, pools, writer)
+    for path in FILES:
+        writer.write_file(path)
+    _populate(image, pools, chunks, [process.body for process in processes])
+    pools.finish()
+    tables.track_from_manifest(image.manifest, image.rng)
+    tables.write(image)
+    return _save(image, out_dir, started)
+
+
+def _place_processes(image: Image, pools, writer: ObjectWriter):
+    times = process_times(image.rng, len(LIVE_PROCESSES) + len(EXITED_PROCESSES))
+    live = []
+    names = [entry for entry in LIVE_PROCESSES if image.flavor.segment_heap or entry[0] != "Registry"]
+    for (name, pid, ppid), created in zip(names, times):
+        allocation = None
+        if name == SEED_PROCESS and image.flavor.segment_heap:
+            allocation = pools.seed_page(filler_tags=SEED_PAGE_FILLERS).proc
+        process = writer.write_process(name, pid, ppid, created, allocation=allocation)
+        for number in range(1 + pid % 3):
+            writer.write_thread(process, pid + 4 * (number + 1))
+        live.append(process)
+    writer.link_processes([process.body for process in live])
+    for (name, pid, ppid), created in zip(EXITED_PROCESSES, times[len(names):]):
+        exited = created + (times[-1] - created) / 2
+        writer.write_process(name, pid, ppid, created, exited, state="Free")
+    return live
+
+
+def _populate(image: Image, pools, count: int, process_bodies: list[int]) -> None:
+    """Fill the pools with ``count`` small chunks over the tag profiles, plus big allocations."""
+    rng = image.rng
+    weights = [profile.weight for profile in PROFILES]
+    for profile in rng.choices(PROFILES, weights=weights, k=count):
+        size = rng.randrange(profile.min_size, profile.max_size + 1, 8)
+        pool = _pool_for(image, profile)
+        state = "Free" if rng.random() < FREE_SHARE else "Allocated"
+        if state == "Free" and image.flavor.segment_heap and pool != "NonPaged" \
+                and CACHED_FREE_RANGE[0] <= size <= CACHED_FREE_RANGE[1] and rng.random() < 0.4:
+            state = "Cached-free"
+        quota = rng.choice(process_bodies) if state == "Allocated" and rng.random() < QUOTA_SHARE else None
+        aligned = state == "Allocated" and quota is None and rng.random() < CACHE_ALIGNED_SHARE
+        pools.allocate(size, profile.tag, pool, state=state, quota_process=quota, cache_aligned=aligned)
+    big_weights = [profile.weight for profile in BIG_PROFILES]
+    for profile in rng.choices(BIG_PROFILES, weights=big_weights, k=BIG_ALLOCATIONS):
+        size = rng.randrange(profile.min_size, profile.max_size + 1, 0x10)
+        state = "Free" if rng.random() < 0.15 else "Allocated"
+        pools.allocate(size, profile.tag, _pool_for(image, profile), state=state)
+
+
+def _pool_for(image: Image, profile: TagProfile) -> str:
+    """The segment heap model keeps no session pool: session tags come from paged pool there."""
+    if profile.pool == "Session" and image.flavor.segment_heap:
+        return "Paged"
+    return profile.pool
+
+
+def _save(image: Image, out_dir: Path, started: float) -> BuildResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{flavor_name}-seed{seed}"
+    stem = f"{image.flavor.name}-seed{image.seed}"
     image_path = out_dir / f"{stem}.raw"
     manifest_path = out_dir / f"{stem}.json"
     image.space.save(image_path)
     manifest_path.write_text(image.manifest.to_json())
-    return BuildResult(image_path, manifest_path, time.perf_counter() - started, image.space.frames_used)
+    return BuildResult(image_path, manifest_path, time.perf_counter() - started, image.space.frames_used,
+                       len(image.manifest.allocations))

@@ -69,12 +69,14 @@ WIN7_SP1 = Flavor(
     self_map_index=0x1ED,
     kernel_base=0xFFFFF80002A0F000,
     regions={
-        "NonPagedPool": (0xFFFFFA8000000000, 0x80_0000_0000),
+        # Nonpaged pool follows the PFN database (sized here for 1 GiB of RAM) and may
+        # grow to 75% of RAM; paged pool and session space sit at fixed addresses.
+        "NonPagedPool": (0xFFFFFA8000C00000, 0x3000_0000),
         "PagedPool": (0xFFFFF8A000000000, 0x20_0000_0000),
         "Session": (0xFFFFF90000000000, 0x8_0000_0000),
         "SystemPtes": (0xFFFFF88000000000, 0x20_0000_0000),
         "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
-        "PfnDatabase": (0xFFFFFA8000000000 - 0x10_0000_0000, 0x10_0000_0000),
+        "PfnDatabase": (0xFFFFFA8000000000, 0xC0_0000),
     },
 )
 

@@ -155,6 +155,9 @@ class ObjectWriter:
         head = process.body + self.types.offset("_EPROCESS", "ThreadListHead")
         entry = body + self.types.offset("_ETHREAD", "ThreadListEntry")
         self._insert_tail(head, entry)
+        count_offset = self.types.offset("_EPROCESS", "ActiveThreads")
+        count = int.from_bytes(self.image.space.read(process.body + count_offset, 4), "little")
+        self.image.space.write_u32(process.body + count_offset, count + 1)
         return self._record("Thread", f"tid {tid}", allocation, header, body, pid=process.pid, tid=tid)
 
     # -- files and drivers -------------------------------------------------

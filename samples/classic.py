@@ -1,0 +1,409 @@
+"""Classic pool pages as Windows 7 SP1 x64 lays them out.
+
+A small allocation is a chunk inside a 4 KiB pool page: a ``_POOL_HEADER``
+(PreviousSize, PoolIndex, BlockSize, PoolType, PoolTag, ProcessBilled) and the
+caller's bytes, BlockSize 16-byte blocks in all.  Chunks tile the page from
+its first byte: each PreviousSize repeats the BlockSize before it (0 for the
+first chunk) and the sizes add up to exactly one page, so the page is a chain
+a reader can walk.  Windows coalesces neighbouring free chunks, so no two free
+chunks touch; a free chunk keeps its stale tag and gets PoolType 0, and the
+free lists of its pool descriptor run through its body.  Allocations that do
+not fit in a page minus a header get whole pages without a header and an
+entry in the big page table; Windows charges no quota for those.
+
+Windows 7 has no no-execute pool: NonPagedNx requests are nonpaged.  The
+header's PoolType is the requested type's low bits with the in-use bit 2 set
+(nonpaged even, paged odd); quota allocations (|8) keep the charged
+``_EPROCESS`` pointer in ProcessBilled as is (Windows 7 has no quota cookie),
+cache-aligned ones (|4) start their body on a cache line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .manifest import Allocation, tag_text
+from .pooltables import PoolTables
+
+PAGE_SIZE = 0x1000
+BLOCK = 16  # x64 pool block: BlockSize and PreviousSize count these
+CACHE_LINE = 64  # ExpCacheLineSize on x64 processors
+PAGED = 0x1
+IN_USE = 0x2
+CACHE_ALIGNED = 0x4
+QUOTA = 0x8
+SESSION = 0x20
+# Windows 7 x64 session pool starts 3 GiB into session space (0xFFFFF900C0000000).
+SESSION_POOL_OFFSET = 0xC000_0000
+# Pool pages are not all contiguous: released pages leave holes in the pool's VA range.
+GAP_CHANCE = 0.03
+OPEN_PAGES = 4
+HEADER_FIELDS = ("PreviousSize", "PoolIndex", "BlockSize", "PoolType")
+POOL_DESCRIPTOR = "_POOL_DESCRIPTOR"
+# One node, two processors: one nonpaged pool (index 0) and one paged pool (index 1;
+# ExpPagedPoolDescriptor[0] is the descriptor PoolVector names).
+PAGED_POOLS = 1
+
+
+@dataclass(frozen=True)
+class PoolKind:
+    """One Windows 7 pool: what callers call it, its POOL_TYPE, descriptor index, region name."""
+
+    name: str
+    pool_type: int
+    pool_index: int
+    region: str
+
+
+POOLS = {
+    "NonPaged": PoolKind("NonPaged", 0, 0, "Nonpaged pool"),
+    "Paged": PoolKind("Paged", PAGED, PAGED_POOLS, "Paged pool"),
+    "Session": PoolKind("Session", SESSION | PAGED, 0, "Session pool"),
+}
+ALIASES = {"NonPagedNx": "NonPaged"}
+
+
+@dataclass
+class _Page:
+    """A pool page being filled: chunks so far and the last of them."""
+
+    base: int
+    used: int = 0
+    last: Allocation | None = None
+    allocated: int = 0
+
+    @property
+    def room(self) -> int:
+        return PAGE_SIZE - self.used
+
+    @property
+    def ends_free(self) -> bool:
+        return self.last is not None and self.last.state != "Allocated"
+
+
+@dataclass
+class _Pool:
+    kind: PoolKind
+    cursor: int
+    end: int
+    open: list[_Page] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    big_pages: int = 0
+    chunks: list[Allocation] = field(default_factory=list)
+    stale_tags: list[bytes] = field(default_factory=list)
+
+
+class _HeaderLayout:
+    """Packs a ``_POOL_HEADER`` with the bit positions of the image's ISF, fast."""
+
+    def __init__(self, types):
+        self.size = types.size("_POOL_HEADER")
+        self.words: dict[str, tuple[int, int, int, int]] = {}
+        for name in HEADER_FIELDS:
+            layout = types.field("_POOL_HEADER", name)
+            position = layout.bit_position or 0
+            length = layout.bit_length if layout.bit_length is not None else layout.size * 8
+            self.words[name] = (layout.offset, layout.size, position, (1 << length) - 1)
+        self.tag_offset = types.offset("_POOL_HEADER", "PoolTag")
+        self.billed_offset = types.offset("_POOL_HEADER", "ProcessBilled")
+
+    def pack(self, values: dict[str, int], tag: bytes, billed: int | None) -> bytes:
+        header = bytearray(self.size)
+        words: dict[tuple[int, int], int] = {}
+        for name, value in values.items():
+            offset, size, position, mask = self.words[name]
+            words[(offset, size)] = words.get((offset, size), 0) | ((value & mask) << position)
+        for (offset, size), word in words.items():
+            header[offset : offset + size] = word.to_bytes(size, "little")
+        header[self.tag_offset : self.tag_offset + 4] = tag[:4].ljust(4, b"\0")
+        if billed is not None:
+            header[self.billed_offset : self.billed_offset + 8] = billed.to_bytes(8, "little")
+        return bytes(header)
+
+    def block_size_patch(self, blocks: int, current: bytes) -> bytes:
+        """``current`` header bytes with BlockSize replaced."""
+        offset, size, position, mask = self.words["BlockSize"]
+        word = int.from_bytes(current[offset : offset + size], "little")
+        word = (word & ~(mask << position)) | ((blocks & mask) << position)
+        return current[:offset] + word.to_bytes(size, "little") + current[offset + size :]
+
+
+class ClassicPools:
+    """Windows 7 SP1 x64 nonpaged, paged and session pool, filled chunk by chunk.
+
+    Call :meth:`allocate` for every chunk, then :meth:`finish` once (closes the
+    pages still being filled, links free lists, writes the pool descriptors
+    and region variables).  Big allocations go to ``tables``.
+    """
+
+    def __init__(self, image, tables: PoolTables, open_pages: int = OPEN_PAGES):
+        self.image = image
+        self.tables = tables
+        self.rng = image.rng
+        self.open_pages = open_pages
+        self.header = _HeaderLayout(image.types)
+        regions = image.flavor.regions
+        nonpaged, paged, session = regions["NonPagedPool"], regions["PagedPool"], regions["Session"]
+        self.pools = {
+            "NonPaged": _Pool(POOLS["NonPaged"], nonpaged[0], nonpaged[0] + nonpaged[1]),
+            "Paged": _Pool(POOLS["Paged"], paged[0], paged[0] + paged[1]),
+            "Session": _Pool(POOLS["Session"], session[0] + SESSION_POOL_OFFSET, session[0] + session[1]),
+        }
+        self.finished = False
+        # Windows allocates the paged pool descriptors from nonpaged pool at boot, tag Pool.
+        descriptor_bytes = (PAGED_POOLS + 1) * image.types.size(POOL_DESCRIPTOR)
+        self.paged_descriptors = self.allocate(descriptor_bytes, b"Pool", "NonPaged").body
+
+    # -- allocation ----------------------------------------------------------
+    def allocate(
+        self,
+        size: int,
+        tag: bytes,
+        pool: str,
+        state: str = "Allocated",
+        quota_process: int | None = None,
+        cache_aligned: bool = False,
+    ) -> Allocation:
+        """Place one allocation as Windows 7 would and record it in the manifest."""
+        if state not in ("Allocated", "Free"):
+            raise ValueError(f"classic pool chunks are Allocated or Free, not {state}")
+        target = self.pools[ALIASES.get(pool, pool)]
+        pool_type = target.kind.pool_type
+        if cache_aligned:
+            pool_type |= CACHE_ALIGNED
+        if quota_process is not None:
+            pool_type |= QUOTA
+        overhead = CACHE_LINE if cache_aligned else 0
+        if size + self.header.size + overhead > PAGE_SIZE:
+            # Windows charges no quota for page-sized and larger allocations.
+            return self._allocate_big(target, size, tag, pool_type & ~QUOTA, state)
+        blocks = max(1, (size + self.header.size + BLOCK - 1) // BLOCK)
+        free = state == "Free"
+        # A freed cache-aligned chunk has been coalesced with its leading fragment.
+        aligned = cache_aligned and not free
+        page = self._choose_page(target, blocks, free, aligned)
+        padding = self._alignment_padding(page) if aligned else 0
+        if padding:
+            self._pad(target, page, padding)
+        allocation = self._chunk(target, page, blocks, tag, pool_type, state, quota_process)
+        if not free:
+            self._remember_tag(target, tag)
+        return allocation
+
+    def _choose_page(self, pool: _Pool, blocks: int, free: bool, aligned: bool) -> _Page:
+        def fits(page: _Page) -> bool:
+            if free and page.ends_free:
+                return False
+            padding = self._alignment_padding(page) if aligned else 0
+            return page.room >= padding + blocks * BLOCK
+
+        candidates = [page for page in pool.open if fits(page)]
+        if not free:
+            # A page holding only a free chunk takes the next allocation that fits.
+            candidates = [page for page in candidates if not page.allocated] or candidates
+        if candidates:
+            return self.rng.choice(candidates)
+        if len(pool.open) >= self.open_pages:
+            fullest = min(pool.open, key=lambda page: (not page.allocated, page.room))
+            self._close(pool, fullest)
+        page = _Page(self._take_pages(pool, 1))
+        pool.open.append(page)
+        pool.pages.append(page.base)
+        return page
+
+    def _alignment_padding(self, page: _Page) -> int:
+        """Bytes before the next header so that the body after it starts a cache line."""
+        body = page.base + page.used + self.header.size
+        return (-body) % CACHE_LINE
+
+    def _pad(self, pool: _Pool, page: _Page, padding: int) -> None:
+        if page.ends_free:
+            self._grow(page, padding)
+        else:
+            self._chunk(pool, page, padding // BLOCK, self._stale_tag(pool), 0, "Free", None)
+
+    def _chunk(
+        self,
+        pool: _Pool,
+        page: _Page,
+        blocks: int,
+        tag: bytes,
+        pool_type: int,
+        state: str,
+        quota_process: int | None,
+    ) -> Allocation:
+        address = page.base + page.used
+        previous = page.last.size // BLOCK if page.last else 0
+        header_type = (pool_type & 0xFF) | IN_USE if state == "Allocated" else 0
+        values = {"PreviousSize": previous, "PoolIndex": pool.kind.pool_index, "BlockSize": blocks, "PoolType": header_type}
+        self.image.space.write(address, self.header.pack(values, tag, quota_process))
+        allocation = Allocation(
+            address=address,
+            size=blocks * BLOCK,
+            tag=tag_text(tag),
+            pool_type=pool_type,
+            pool=pool.kind.name,
+            state=state,
+            backing="Page",
+            region=pool.kind.region,
+            previous_size=previous * BLOCK,
+            body=address + self.header.size,
+            quota_process=quota_process,
+        )
+        page.used += blocks * BLOCK
+        page.last = allocation
+        page.allocated += state == "Allocated"
+        pool.chunks.append(allocation)
+        return self.image.manifest.add(allocation)
+
+    def _grow(self, page: _Page, extra: int) -> None:
+        """Coalesce ``extra`` bytes into the page's last chunk, which is free."""
+        last = page.last
+        last.size += extra
+        current = self.image.space.read(last.address, self.header.size)
+        self.image.space.write(last.address, self.header.block_size_patch(last.size // BLOCK, current))
+        page.used += extra
+
+    def _close(self, pool: _Pool, page: _Page) -> None:
+        """The rest of a page is one free chunk (joined to a free last chunk).
+
+        Windows releases a page once all of it is free, so a page whose only
+        chunk is free ends with an allocation from the page's pool instead.
+        """
+        if not page.allocated:
+            tag = self._stale_tag(pool)
+            self._chunk(pool, page, page.room // BLOCK, tag, pool.kind.pool_type, "Allocated", None)
+        elif page.room:
+            if page.ends_free:
+                self._grow(page, page.room)
+            else:
+                self._chunk(pool, page, page.room // BLOCK, self._stale_tag(pool), 0, "Free", None)
+        pool.open.remove(page)
+
+    def _remember_tag(self, pool: _Pool, tag: bytes) -> None:
+        if tag not in pool.stale_tags:
+            pool.stale_tags.append(tag)
+
+    def _stale_tag(self, pool: _Pool) -> bytes:
+        """Whatever tag an earlier chunk at that spot left behind."""
+        return self.rng.choice(pool.stale_tags) if pool.stale_tags else b"Pool"
+
+    def _take_pages(self, pool: _Pool, count: int) -> int:
+        if self.rng.random() < GAP_CHANCE:
+            pool.cursor += PAGE_SIZE * self.rng.randint(1, 4)
+        address = pool.cursor
+        if address + count * PAGE_SIZE > pool.end:
+            raise MemoryError(f"{pool.kind.region} region is full")
+        pool.cursor += count * PAGE_SIZE
+        return address
+
+    def _allocate_big(self, pool: _Pool, size: int, tag: bytes, pool_type: int, state: str) -> Allocation:
+        """Whole pages, no header, an entry in the big page table; freed ones leave their VA unmapped."""
+        pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+        address = self._take_pages(pool, pages)
+        free = state == "Free"
+        if not free:
+            self.image.space.map_range(address, pages * PAGE_SIZE)
+            pool.big_pages += pages
+        self.tables.add_big(address, pages * PAGE_SIZE, tag, pool_type, free)
+        allocation = Allocation(
+            address=address,
+            size=pages * PAGE_SIZE,
+            tag=tag_text(tag),
+            pool_type=pool_type,
+            pool=pool.kind.name,
+            state=state,
+            backing="Big",
+            region=pool.kind.region,
+            body=address,
+        )
+        return self.image.manifest.add(allocation)
+
+    # -- bookkeeping -----------------------------------------------------------
+    def finish(self) -> None:
+        """Close open pages, link free lists, write descriptors and region variables."""
+        if self.finished:
+            return
+        self.finished = True
+        for pool in self.pools.values():
+            for page in list(pool.open):
+                self._close(pool, page)
+        nonpaged_descriptor = self.image.symbol("NonPagedPoolDescriptor")
+        descriptor_size = self.image.types.size(POOL_DESCRIPTOR)
+        paged = [self.paged_descriptors + index * descriptor_size for index in range(PAGED_POOLS + 1)]
+        self._write_descriptor(nonpaged_descriptor, self.pools["NonPaged"], 0)
+        self._write_descriptor(paged[0], None, 0)
+        self._write_descriptor(paged[PAGED_POOLS], self.pools["Paged"], PAGED_POOLS)
+        self._write_globals(nonpaged_descriptor, paged)
+
+    def _write_descriptor(self, address: int, pool: _Pool | None, index: int) -> None:
+        """A _POOL_DESCRIPTOR with its statistics and free lists (ListHeads[BlockSize - 1])."""
+        types = self.image.types
+        size = types.size(POOL_DESCRIPTOR)
+        buffer = bytearray(size)
+        heads = types.offset(POOL_DESCRIPTOR, "ListHeads")
+        entry_size = types.size("_LIST_ENTRY")
+        count = types.field(POOL_DESCRIPTOR, "ListHeads").size // entry_size
+        flink = types.offset("_LIST_ENTRY", "Flink")
+        blink = types.offset("_LIST_ENTRY", "Blink")
+        lists: dict[int, list[int]] = {}
+        values = {"PoolType": PAGED if pool is None else pool.kind.pool_type, "PoolIndex": index}
+        if pool is not None:
+            allocated = [chunk for chunk in pool.chunks if chunk.state == "Allocated"]
+            freed = [chunk for chunk in pool.chunks if chunk.state != "Allocated"]
+            values.update(
+                RunningAllocs=len(allocated) + len(freed),
+                RunningDeAllocs=len(freed),
+                TotalPages=len(pool.pages),
+                TotalBigPages=pool.big_pages,
+                TotalBytes=sum(chunk.size for chunk in allocated) + pool.big_pages * PAGE_SIZE,
+            )
+            for chunk in freed:
+                blocks = chunk.size // BLOCK
+                if 2 <= blocks <= count:
+                    lists.setdefault(blocks - 1, []).append(chunk.body)
+        types.pack(buffer, 0, POOL_DESCRIPTOR, values)
+        for slot in range(count):
+            head = address + heads + slot * entry_size
+            members = lists.get(slot, [])
+            ring = [head, *members]
+            for position, node in enumerate(ring):
+                following = ring[(position + 1) % len(ring)]
+                preceding = ring[position - 1]
+                if node == head:
+                    base = heads + slot * entry_size
+                    buffer[base + flink : base + flink + 8] = following.to_bytes(8, "little")
+                    buffer[base + blink : base + blink + 8] = preceding.to_bytes(8, "little")
+                else:
+                    links = bytearray(entry_size)
+                    links[flink : flink + 8] = following.to_bytes(8, "little")
+                    links[blink : blink + 8] = preceding.to_bytes(8, "little")
+                    self.image.space.write(node, bytes(links))
+        self.image.space.write(address, bytes(buffer))
+
+    def _write_globals(self, nonpaged_descriptor: int, paged: list[int]) -> None:
+        """Region bounds and descriptor pointers Windows 7 keeps in kernel variables."""
+        regions = self.image.flavor.regions
+        nonpaged_start, nonpaged_size = regions["NonPagedPool"]
+        paged_start, paged_size = regions["PagedPool"]
+        values = {
+            "MmNonPagedPoolStart": nonpaged_start,
+            "MiNonPagedPoolStartAligned": nonpaged_start,
+            "MiNonPagedPoolEnd": nonpaged_start + nonpaged_size,
+            "MmMaximumNonPagedPoolInBytes": nonpaged_size,
+            "MmMaximumNonPagedPoolInPages": nonpaged_size // PAGE_SIZE,
+            "MmPagedPoolEnd": paged_start + paged_size - 1,
+            "MmSizeOfPagedPoolInBytes": paged_size,
+            "MmSizeOfPagedPoolInPages": paged_size // PAGE_SIZE,
+        }
+        space = self.image.space
+        for name, value in values.items():
+            if self.image.types.has_symbol(name):
+                space.write_u64(self.image.symbol(name), value)
+        for name, value in (("ExpNumberOfNonPagedPools", 1), ("ExpNumberOfPagedPools", PAGED_POOLS)):
+            if self.image.types.has_symbol(name):
+                space.write_u32(self.image.symbol(name), value)
+        space.write_u64(self.image.symbol("PoolVector"), nonpaged_descriptor)
+        space.write_u64(self.image.symbol("PoolVector") + 8, paged[0])
+        for index, address in enumerate(paged):
+            space.write_u64(self.image.symbol("ExpPagedPoolDescriptor") + 8 * index, address)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .classic import ClassicPools
+from .drivers import write_modules
 from .flavors import FLAVORS
 from .image import Image
 from .kernel import build_kernel
@@ -76,6 +77,8 @@ def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: i
     processes = _place_processes(image, pools, writer)
     for path in FILES:
         writer.write_file(path)
+    for driver in write_modules(image, lambda size, tag: pools.allocate(size, tag, writer.nonpaged)):
+        writer.write_driver(driver["service"], driver["base"], driver["size"])
     _populate(image, pools, chunks, [process.body for process in processes])
     pools.finish()
     tables.track_from_manifest(image.manifest, image.rng)

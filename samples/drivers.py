@@ -152,9 +152,8 @@ class Assembler:
     """Bytes of one section, with rip-relative references and short jumps resolved at link time.
 
     ``rip(prefix, symbol)`` emits ``prefix`` + disp32 where the displacement
-    reaches ``symbol`` (an RVA chosen later, e.g. ``"iat:ExFreePoolWithTag"``)
-    from the end of the instruction; ``suffix`` covers forms with an
-    immediate after the displacement.
+    reaches ``symbol`` (an RVA chosen at link time: ``"iat:<routine>"`` for
+    an import slot, ``"data"`` for ``.data``) from the end of the instruction.
     """
 
     code: bytearray = field(default_factory=bytearray)
@@ -242,6 +241,7 @@ def link_driver(
     pdb_name: str = "driver.pdb",
     guid: str = "00000000-0000-0000-0000-000000000000",
     dll: str = KERNEL_FILE,
+    os_version: tuple[int, int] = (10, 0),
 ) -> LinkedDriver:
     """Lay out ``.text``, ``.rdata`` (IAT first), ``.data``, a CodeView record and ``INIT``; bind the IAT.
 
@@ -251,7 +251,7 @@ def link_driver(
     """
     rdata = rdata or Assembler()
     names = sorted(set(text.imports()) | set(rdata.imports()))
-    pe = PeImage(base=base)
+    pe = PeImage(base=base, os_version=os_version)
     text_rva = pe.next_rva()
     rdata_rva = text_rva + _align(max(len(text.code), 1), PAGE)
     iat_size = 8 * (len(names) + 1)
@@ -453,7 +453,8 @@ def write_modules(image: Image, allocate) -> list[dict]:
     for spec in DRIVERS:
         program = spec.program(kernel)
         linked = link_driver(base, program.text, lambda name: image.kernel_base + image.types.symbol(name),
-                             rdata=program.rdata, pdb_name=f"{spec.service}.pdb", guid=spec.guid)
+                             rdata=program.rdata, pdb_name=f"{spec.service}.pdb", guid=spec.guid,
+                             os_version=(image.flavor.major, image.flavor.minor))
         size = linked.pe.size_of_image
         if base + size > region_base + region_size:
             raise ValueError(f"{spec.file_name} does not fit in the system image region")

@@ -25,14 +25,27 @@ OPTIONAL_HEADERS = (
 CREATOR_AND_QUOTA = 0x09
 CREATOR_AND_NAME = 0x03
 
-# Type indices as the modeled builds number them.
-TYPE_INDICES = {
-    "win10-19041": {"Type": 2, "Directory": 3, "Process": 7, "Thread": 8, "Device": 0x21, "Driver": 0x22, "File": 0x25},
-    "win7-sp1": {"Type": 2, "Directory": 3, "Process": 7, "Thread": 8, "Device": 0x19, "Driver": 0x1A, "File": 0x1C},
+# Object types in index order from 2 (0 and 1 are never types), as the modeled builds number them.
+# Readers walk ObTypeIndexTable up to the first empty slot, so the table is dense as on a real system.
+TYPE_NAMES = {
+    "win10-19041": (
+        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
+        "IoCompletionReserve", "ActivityReference", "PsSiloContextPaged", "PsSiloContextNonPaged", "DebugObject",
+        "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer", "Profile", "KeyedEvent", "WindowStation",
+        "Desktop", "Composition", "RawInputManager", "CoreMessaging", "ActivationObject", "TpWorkerFactory",
+        "Adapter", "Controller", "Device", "Driver", "IoCompletion", "WaitCompletionPacket", "File",
+    ),
+    "win7-sp1": (
+        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "UserApcReserve",
+        "IoCompletionReserve", "DebugObject", "Event", "EventPair", "Mutant", "Callback", "Semaphore", "Timer",
+        "Profile", "KeyedEvent", "WindowStation", "Desktop", "TpWorkerFactory", "Adapter", "Controller", "Device",
+        "Driver", "IoCompletion", "File",
+    ),
 }
+FIRST_TYPE_INDEX = 2
 # Windows 7 marks object tags as protected (high bit of the last byte); later builds do not.
 OBJECT_TAGS = {"Type": b"ObjT", "Directory": b"Dire", "Process": b"Proc", "Thread": b"Thre", "Device": b"Devi",
-               "Driver": b"Driv", "File": b"File"}
+               "Driver": b"Driv", "File": b"File"}  # other types' objects are tagged with their name's first 4 bytes
 PROTECTED_TAG_BIT = 0x80
 # Process objects are charged a fixed-size allocation on 19041 (the seed transcript's 0xd00-byte Proc chunk).
 WIN10_PROCESS_ALLOCATION = 0xCF0
@@ -55,14 +68,15 @@ class ObjectWriter:
         self.image = image
         self.pools = pools
         self.types = image.types
-        self.indices = TYPE_INDICES[image.flavor.name]
+        names = TYPE_NAMES[image.flavor.name]
+        self.indices = {name: FIRST_TYPE_INDEX + position for position, name in enumerate(names)}
         self.cookie = image.rng.randrange(1, 256) if image.types.has_symbol("ObHeaderCookie") else None
         self.header_body_offset = self.types.offset("_OBJECT_HEADER", "Body")
         self.nonpaged = "NonPagedNx" if image.flavor.segment_heap else "NonPaged"
 
     # -- generic object layout ---------------------------------------------
     def tag_for(self, kind: str) -> bytes:
-        tag = OBJECT_TAGS[kind]
+        tag = OBJECT_TAGS.get(kind) or kind[:4].ljust(4).encode()
         if self.image.flavor.name == "win7-sp1":
             tag = tag[:3] + bytes([tag[3] | PROTECTED_TAG_BIT])
         return tag
@@ -70,12 +84,12 @@ class ObjectWriter:
     def optional_size(self, info_mask: int) -> int:
         return sum(self.types.size(name) for bit, name in OPTIONAL_HEADERS if info_mask & bit)
 
-    def allocate_object(self, kind: str, body_type: str, info_mask: int, extra: int = 0, *, state="Allocated",
+    def allocate_object(self, kind: str, body_type: str, info_mask: int, *, state="Allocated",
                         request: int | None = None, allocation=None):
         """Allocate and lay out headers for one object; return (allocation, header address, body address)."""
         optional = self.optional_size(info_mask)
         body_size = self.types.size(body_type)
-        needed = optional + self.header_body_offset + body_size + extra
+        needed = optional + self.header_body_offset + body_size
         if allocation is None:
             allocation = self.pools.allocate(max(needed, request or 0), self.tag_for(kind), self.nonpaged, state=state)
         header = allocation.body + optional
@@ -91,8 +105,10 @@ class ObjectWriter:
         })
         return allocation, header, body
 
-    def write_unicode(self, address: int, type_name: str, field: str, text: str, buffer: int) -> None:
+    def write_unicode(self, address: int, type_name: str, field: str, text: str, tag: bytes) -> None:
+        """Point a UNICODE_STRING at a buffer of its own, allocated separately as Windows does."""
         encoded = text.encode("utf-16-le")
+        buffer = self.pools.allocate(len(encoded) + 2, tag, "Paged").body
         self.image.put(address, type_name, {
             f"{field}.Length": len(encoded),
             f"{field}.MaximumLength": len(encoded) + 2,
@@ -105,10 +121,8 @@ class ObjectWriter:
         table = self.image.symbol("ObTypeIndexTable")
         self.image.space.write_u64(table + 8, 0xBAD0B0B0)  # index 1 is a poison value on real systems
         for name, index in sorted(self.indices.items(), key=lambda item: item[1]):
-            name_bytes = 2 * len(name) + 2
-            allocation, header, body = self.allocate_object("Type", "_OBJECT_TYPE", CREATOR_AND_NAME, name_bytes)
-            buffer = body + self.types.size("_OBJECT_TYPE")
-            self.write_unicode(body, "_OBJECT_TYPE", "Name", name, buffer)
+            allocation, header, body = self.allocate_object("Type", "_OBJECT_TYPE", CREATOR_AND_NAME)
+            self.write_unicode(body, "_OBJECT_TYPE", "Name", name, b"ObNm")
             key = int.from_bytes(self.tag_for(name), "little")
             self.image.put(body, "_OBJECT_TYPE", {"Index": index, "Key": key,
                                                   "TypeList.Flink": body, "TypeList.Blink": body})
@@ -147,7 +161,9 @@ class ObjectWriter:
 
     def write_thread(self, process: PlacedObject, tid: int) -> PlacedObject:
         allocation, header, body = self.allocate_object("Thread", "_ETHREAD", 0)
+        created = filetime(CAPTURE_TIME) - self.image.rng.randrange(1, 3600) * 10_000_000
         self.image.put(body, "_ETHREAD", {
+            "CreateTime.QuadPart": created,
             "Cid.UniqueProcess": process.pid,
             "Cid.UniqueThread": tid,
             "Tcb.Process": process.body,
@@ -162,19 +178,17 @@ class ObjectWriter:
 
     # -- files and drivers -------------------------------------------------
     def write_file(self, path: str) -> PlacedObject:
-        extra = 2 * len(path) + 2
-        allocation, header, body = self.allocate_object("File", "_FILE_OBJECT", 0, extra)
+        allocation, header, body = self.allocate_object("File", "_FILE_OBJECT", 0)
         self.image.put(body, "_FILE_OBJECT", {"Type": 5, "Size": self.types.size("_FILE_OBJECT")})
-        self.write_unicode(body, "_FILE_OBJECT", "FileName", path, body + self.types.size("_FILE_OBJECT"))
+        self.write_unicode(body, "_FILE_OBJECT", "FileName", path, b"IoNm")
         return self._record("File", path, allocation, header, body)
 
     def write_driver(self, name: str, start: int, size: int) -> PlacedObject:
         full_name = f"\\Driver\\{name}"
-        allocation, header, body = self.allocate_object("Driver", "_DRIVER_OBJECT", 0, 2 * len(full_name) + 2)
+        allocation, header, body = self.allocate_object("Driver", "_DRIVER_OBJECT", 0)
         self.image.put(body, "_DRIVER_OBJECT", {"Type": 4, "Size": self.types.size("_DRIVER_OBJECT"),
                                                 "DriverStart": start, "DriverSize": size})
-        self.write_unicode(body, "_DRIVER_OBJECT", "DriverName", full_name,
-                           body + self.types.size("_DRIVER_OBJECT"))
+        self.write_unicode(body, "_DRIVER_OBJECT", "DriverName", full_name, b"IoNm")
         return self._record("Driver", full_name, allocation, header, body)
 
     # -- helpers -----------------------------------------------------------

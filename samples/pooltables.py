@@ -168,12 +168,13 @@ class PoolTables:
         """
         live: dict[tuple[str, str], list[int]] = {}
         for allocation in manifest.allocations:
-            counts = live.setdefault((allocation.tag, allocation.pool), [0, 0, 0])
             if allocation.state == "Allocated":
+                counts = live.setdefault((allocation.tag, allocation.pool), [0, 0, 0])
                 counts[0] += 1
                 counts[2] += allocation.size
-            else:
-                counts[1] += 1
+                continue
+            for tag in _freed_tags(allocation):
+                live.setdefault((tag, allocation.pool), [0, 0, 0])[1] += 1
         for (text, pool), (outstanding, freed, bytes_) in live.items():
             frees = freed + rng.randint(0, 2 * outstanding + 4)
             self.track(tag_bytes(text), pool, outstanding + frees, frees, bytes_)
@@ -203,6 +204,24 @@ class PoolTables:
             session_base = _region_tail(regions["Session"], 0x10_0000)
         writer = _TableWriter(image, self)
         writer.write(base, independent_base, session_base)
+
+
+def _freed_tags(allocation) -> list[str]:
+    """Tags of the allocations a free chunk once held.
+
+    A free VS chunk shows its encoded header where a tag would be and may
+    span several freed (coalesced) allocations: the segment heap builder
+    notes them as ``freed <tag>; ...``.  Never-allocated LFH slots and VS
+    padding held nothing.  Other free chunks keep the freed allocation's tag.
+    """
+    parts = [part for part in allocation.note.split("; ") if part]
+    freed = [part.removeprefix("freed ").removeprefix("big ").split(" at ")[0] for part in parts
+             if part.startswith("freed ")]
+    if freed:
+        return freed
+    if allocation.note.startswith("never allocated") or (allocation.backing == "VS" and not parts):
+        return []
+    return [allocation.tag]
 
 
 def _region_tail(region: tuple[int, int], size: int) -> int:

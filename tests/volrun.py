@@ -92,7 +92,7 @@ def _plain(value):
 def run_cli(*arguments: str, cache_dir: Path, renderer: str = "json", timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``vol`` as a user would (plugins from the checkout, samples' symbols, offline)."""
     command = [
-        sys.executable, "-c", "from volatility3.cli import main; main()",
+        str(Path(sys.executable).with_name("vol")),
         "-q", "--offline", "--cache-path", str(cache_dir), "-s", str(SYMBOLS), "-p", str(PLUGINS),
         "-r", renderer, *arguments,
     ]

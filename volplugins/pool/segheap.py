@@ -830,7 +830,8 @@ def _vs_walk(walk: _Walk, subsegment: int, heap_key: int) -> Iterator[tuple[Chun
             yield _vs_allocated(walk, chunk, chunk_end), chunk, chunk_end
         else:
             tag = vs_free_tag(raw, layout)
-            free = Chunk(chunk, header.size, header.previous_size, tag, State.FREE, Backing.VS, walk.pool)
+            # Like !pool, report previous size 0: on the segment heap only cache-aligned pool headers use it.
+            free = Chunk(chunk, header.size, 0, tag, State.FREE, Backing.VS, walk.pool)
             yield free, chunk, chunk_end
         previous = header.size
         chunk = chunk_end

@@ -71,6 +71,7 @@ def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: i
     build_kernel(image)
     write_regions(image)
     tables = PoolTables(processors=2)
+    _map_resident_kernel_data(image)
     pools = SegmentHeapPools(image, tables) if image.flavor.segment_heap else ClassicPools(image, tables)
     writer = ObjectWriter(image, pools)
     writer.write_type_table()
@@ -84,6 +85,13 @@ def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: i
     tables.track_from_manifest(image.manifest, image.rng)
     tables.write(image)
     return _save(image, out_dir, started)
+
+
+def _map_resident_kernel_data(image: Image) -> None:
+    """The kernel's data section is resident in full; map the large pool variables readers scan whole."""
+    for symbol, type_name in (("ExPoolState", "_EX_POOL_HEAP_MANAGER_STATE"),):
+        if image.types.has_symbol(symbol) and image.types.has_type(type_name):
+            image.space.map_range(image.symbol(symbol), image.types.size(type_name))
 
 
 def _place_processes(image: Image, pools, writer: ObjectWriter):

@@ -95,6 +95,12 @@ class BigPageTable:
         return None
 
 
+    def find_freed(self, address: int) -> BigAllocation | None:
+        """The stale (freed) entry whose range held ``address``; the latest in table order wins."""
+        holders = [a for a in self.allocations if a.free and a.size > 0 and a.contains(address)]
+        return holders[-1] if holders else None
+
+
 def entry_layout(kernel: Kernel) -> EntryLayout:
     """The ``_POOL_TRACKER_BIG_PAGES`` layout of this kernel, from its ISF."""
     pool_type = kernel.field_layout(_ENTRY, "PoolType") if kernel.has_field(_ENTRY, "PoolType") else None
@@ -169,3 +175,8 @@ def big_allocations(kernel: Kernel) -> Iterator[BigAllocation]:
 def find_big(kernel: Kernel, address: int) -> BigAllocation | None:
     """The live big allocation holding ``address``, if any."""
     return read_big_page_table(kernel).find(address)
+
+
+def find_freed_big(kernel: Kernel, address: int) -> BigAllocation | None:
+    """A freed big allocation that held ``address`` (its entry keeps tag and size after the free)."""
+    return read_big_page_table(kernel).find_freed(address)

@@ -57,6 +57,13 @@ class FieldLayout:
         return values
 
 
+def canonical(address: int, bits: int = 48) -> int:
+    """Sign-extend an address Volatility 3 keeps masked to ``bits`` (kernel offsets) to its canonical form."""
+    if address >> (bits - 1) & 1 and address < (1 << bits):
+        return address | ((1 << 64) - (1 << bits))
+    return address
+
+
 @dataclass(frozen=True)
 class Kernel:
     context: interfaces.context.ContextInterface
@@ -67,7 +74,7 @@ class Kernel:
     @classmethod
     def from_module(cls, context: interfaces.context.ContextInterface, module_name: str) -> "Kernel":
         module = context.modules[module_name]
-        return cls(context, module.layer_name, module.symbol_table_name, module.offset)
+        return cls(context, module.layer_name, module.symbol_table_name, canonical(module.offset))
 
     @property
     def layer(self) -> interfaces.layers.DataLayerInterface:

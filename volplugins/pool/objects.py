@@ -75,24 +75,40 @@ def object_layout(kernel: Kernel) -> ObjectLayout:
     )
 
 
+@dataclass(frozen=True)
+class ObjectType:
+    name: str
+    key: bytes  # the pool tag objects of this type are allocated with
+
+
 @lru_cache(maxsize=4096)
-def type_name_for_index(kernel: Kernel, index: int) -> str | None:
-    """Name of object type ``index`` read from ``ObTypeIndexTable`` (None when unreadable)."""
+def object_type(kernel: Kernel, index: int) -> ObjectType | None:
+    """Object type ``index`` read from ``ObTypeIndexTable`` (None when unreadable)."""
     layout = object_layout(kernel)
     try:
         type_object = kernel.object("_OBJECT_TYPE", kernel.read_u64(layout.type_table + 8 * index))
         name = type_object.Name.get_string()
-    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError):
+        key = int(type_object.Key).to_bytes(4, "little")
+    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError, OverflowError):
         return None
-    return name if name and name.isprintable() and len(name) < 64 else None
+    return ObjectType(name, key) if name and name.isprintable() and len(name) < 64 else None
+
+
+def _same_tag(first: bytes, second: bytes) -> bool:
+    """Tags compare without the protected bit Windows 7 sets on object tags."""
+    return first[:3] == second[:3] and first[3:] and second[3:] and (first[3] & 0x7F) == (second[3] & 0x7F)
 
 
 def optional_headers_size(layout: ObjectLayout, info_mask: int) -> int:
     return sum(size for bit, size in layout.optional_sizes if info_mask & bit)
 
 
-def identify(kernel: Kernel, data_start: int, data_size: int) -> ObjectInfo | None:
-    """The object inside ``[data_start, data_start + data_size)`` (the bytes after the pool header), if any."""
+def identify(kernel: Kernel, data_start: int, data_size: int, tag: bytes) -> ObjectInfo | None:
+    """The object inside ``[data_start, data_start + data_size)`` (the bytes after the pool header), if any.
+
+    A candidate header must declare optional headers that fill the gap back to ``data_start`` exactly, and
+    its type's pool tag (``_OBJECT_TYPE.Key``) must be the chunk's ``tag``.
+    """
     layout = object_layout(kernel)
     window = min(data_size, 0x100 + layout.header_body_offset)
     data = kernel.read(data_start, window, pad=True)
@@ -106,11 +122,11 @@ def identify(kernel: Kernel, data_start: int, data_size: int) -> ObjectInfo | No
             index ^= layout.cookie ^ ((header >> 8) & 0xFF)
         if not 2 <= index < MAX_TYPE_INDEX:
             continue
-        type_name = type_name_for_index(kernel, index)
-        if type_name is None:
+        found = object_type(kernel, index)
+        if found is None or not _same_tag(found.key, tag):
             continue
         body = header + layout.header_body_offset
-        return _describe_body(kernel, type_name, header, body)
+        return _describe_body(kernel, found.name, header, body)
     return None
 
 

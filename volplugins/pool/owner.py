@@ -56,21 +56,29 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
     big = bigpages.find_big(kernel, address)
     if big is not None:
         return _with_details(kernel, _big_answer(kernel, address, region.name, big))
-    if not kernel.is_valid(address):
-        return OwnerAnswer(address, region.name, reason="address is not mapped (invalid or paged out)")
     if region.pool is None and region.region is not None:
         return OwnerAnswer(address, region.name, reason=f"{NOT_POOL}: address lies in {region.name}")
+    # The segment heap decommits the pages inside large free chunks: walk from the (resident) subsegment
+    # header before concluding that an unreadable address has no owner.
     if kernel.uses_segment_heap:
         answer = _segment_heap_answer(kernel, address, region.name)
     else:
         answer = _classic_answer(kernel, address, region.name)
+    if answer.owner is None:
+        freed = bigpages.find_freed_big(kernel, address)
+        if freed is not None:
+            return _big_answer(kernel, address, region.name, freed)
+    if answer.owner is None and not kernel.is_valid(address):
+        return OwnerAnswer(address, region.name, answer.chunks, None, answer.findings,
+                           reason="address is not mapped (invalid or paged out)")
     return _with_details(kernel, answer)
 
 
 def _big_answer(kernel: Kernel, address: int, region: str, big: bigpages.BigAllocation) -> OwnerAnswer:
     backing = Backing.LARGE if kernel.uses_segment_heap and big.size > segheap_large_threshold() else Backing.BIG
     pool = _pool_of_big(big, region)
-    chunk = Chunk(big.va, big.size, 0, big.tag, State.ALLOCATED, backing, pool, big.pool_type, body=big.va)
+    state = State.FREE if big.free else State.ALLOCATED
+    chunk = Chunk(big.va, big.size, 0, big.tag, state, backing, pool, big.pool_type, body=big.va)
     return OwnerAnswer(address, region, (chunk,), chunk)
 
 
@@ -111,7 +119,7 @@ def _with_details(kernel: Kernel, answer: OwnerAnswer) -> OwnerAnswer:
         return answer
     found = None
     if chunk.body is not None:
-        found = objects.identify(kernel, chunk.body, max(0, chunk.end - chunk.body))
+        found = objects.identify(kernel, chunk.body, max(0, chunk.end - chunk.body), chunk.tag)
     quota_name = ""
     if chunk.quota_process is not None:
         quota_name = objects.process_name(kernel, chunk.quota_process)

@@ -1,0 +1,108 @@
+"""windows.poolowner names exactly the manifest's allocation for addresses inside it, and says why otherwise."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from volplugins.pool import owner, regions
+from volplugins.pool.model import tag_text, tag_windbg
+from volrun import cli_json
+
+SEED_ADDRESS = 0xFFFFDC0155E94340
+# WinDbg's transcript of !pool ffffdc0155e94340 on the modeled build.
+SEED_TRANSCRIPT = [
+    (False, 0xFFFFDC0155E94000, 0x250, 0, "Allocated", "MmCi"),
+    (False, 0xFFFFDC0155E94250, 0x60, 0, "Free", "7+.#"),
+    (True, 0xFFFFDC0155E942C0, 0xD00, 0, "Allocated", "Proc"),
+    (False, 0xFFFFDC0155E94FC0, 0x20, 0, "Free", ".+.#"),
+]
+SAMPLED = 150
+
+
+def owned_allocations(sample):
+    """Allocations a lookup can name: live or free chunks, and big allocations."""
+    return [a for a in sample.manifest["allocations"] if a["size"] > 0]
+
+
+def probe_addresses(allocation):
+    start, size = allocation["address"], allocation["size"]
+    return {start, start + size - 1, start + size // 2}
+
+
+def test_seed_page_reproduces_the_transcript(samples):
+    sample = samples["win10-19041"]
+    answer = owner.find_owner(sample.kernel, SEED_ADDRESS)
+    assert answer.region == "Nonpaged pool"
+    page = SEED_ADDRESS & ~0xFFF
+    listed = [
+        (chunk == answer.owner, chunk.address, chunk.size, chunk.previous_size, chunk.state.value, tag_windbg(chunk.tag))
+        for chunk in answer.chunks
+        if chunk.address & ~0xFFF == page
+    ]
+    assert listed == SEED_TRANSCRIPT
+    assert answer.object is not None and answer.object.describe() == "Process MsMpEng.exe pid 3476"
+
+
+def test_seed_page_through_the_command_line(samples):
+    sample = samples["win10-19041"]
+    rows = cli_json("-f", str(sample.image), "windows.poolowner", "--address", f"{SEED_ADDRESS:#x}",
+                    cache_dir=sample.cache)
+    (top,) = rows
+    assert top["Note"] == f"Pool page {SEED_ADDRESS:x} region is Nonpaged pool"
+    starred = [row for row in top["__children"] if row["Owner"] == "*"]
+    assert len(starred) == 1
+    (proc,) = starred
+    assert proc["Chunk"] == 0xFFFFDC0155E942C0 and proc["Size"] == 0xD00 and proc["Tag"] == "Proc"
+    assert (proc["Description"], proc["Binary"]) == ("Process objects", "nt!ps")
+    assert proc["Object"] == "Process MsMpEng.exe pid 3476"
+
+
+def test_every_sampled_allocation_is_named_exactly(sample):
+    rng = random.Random(7)
+    allocations = owned_allocations(sample)
+    chosen = rng.sample(allocations, min(SAMPLED, len(allocations)))
+    chosen += [a for a in allocations if a["backing"] in ("Big", "Large")]
+    mismatches = []
+    for allocation in chosen:
+        for address in probe_addresses(allocation):
+            answer = owner.find_owner(sample.kernel, address)
+            found = answer.owner
+            got = None if found is None else (found.address, found.size, tag_text(found.tag), found.state.value)
+            want = (allocation["address"], allocation["size"], allocation["tag"], allocation["state"])
+            if got != want or answer.region != allocation["region"]:
+                mismatches.append((hex(address), want, got, answer.region, answer.reason))
+    assert mismatches == [], "\n".join(map(str, mismatches))
+
+
+def test_object_chunks_name_their_objects(sample):
+    for placed in sample.manifest["objects"]:
+        if placed["type"] not in ("Process", "File", "Driver") or placed.get("freed"):
+            continue
+        answer = owner.find_owner(sample.kernel, placed["body"])
+        assert answer.owner is not None and answer.owner.address == placed["allocation"]
+        assert answer.object is not None
+        assert answer.object.type_name == placed["type"]
+        assert answer.object.name == placed["name"]
+
+
+@pytest.mark.parametrize("where", ["user", "kernel image", "unmapped pool", "non-canonical"])
+def test_non_pool_addresses_get_a_reason(sample, where):
+    manifest = sample.manifest
+    address = {
+        "user": 0x7FF6_1234_5000,
+        "kernel image": manifest["kernel_base"] + 0x100,
+        "unmapped pool": next(r for r in manifest["regions"] if r["kind"] == "PagedPool")["end"] - 0x10,
+        "non-canonical": 0x8000_0000_0000_0000,
+    }[where]
+    answer = owner.find_owner(sample.kernel, address)
+    assert answer.owner is None
+    assert answer.reason
+    expected_region = {
+        "user": regions.USER_SPACE,
+        "kernel image": "System images",
+        "unmapped pool": "Paged pool",
+        "non-canonical": regions.NON_CANONICAL,
+    }[where]
+    assert answer.region == expected_region

@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="physical memory size of the image, e.g. 64M or 1G (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("samples/out"),
                         help="directory for <flavor>-seed<N>.raw and .json (default: %(default)s)")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="small pool chunks to place (default: 6000 per 64 MiB of image)")
     args = parser.parse_args(argv)
-    result = build_image(args.flavor, args.seed, args.size, args.out)
+    result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks)
     print(f"image    {result.image_path}")
     print(f"manifest {result.manifest_path}")
     print(f"built in {result.seconds:.2f}s: {result.allocations} allocations, {result.frames_used} pages mapped",

@@ -17,8 +17,8 @@ from .population import BIG_PROFILES, FREE_SHARE, PROFILES, TagProfile
 from .regions import write_regions
 from .segheap import SegmentHeapPools
 
-DEFAULT_CHUNKS = 6000
-BIG_ALLOCATIONS = 60
+CHUNKS_PER_64_MIB = 6000  # small pool chunks placed per 64 MiB of image, so larger images hold more pool
+BIG_PER_64_MIB = 60
 SEED_PAGE_FILLERS = (b"Ntfx", b"FMfn", b"Irp ", b"Vad ", b"Even")
 CACHED_FREE_RANGE = (0x200, 0xF60)  # requests whose block (with its header) fits the dynamic lookaside
 QUOTA_SHARE = 0.05
@@ -65,7 +65,12 @@ class BuildResult:
     allocations: int
 
 
-def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: int = DEFAULT_CHUNKS) -> BuildResult:
+def default_chunks(size: int) -> int:
+    return max(CHUNKS_PER_64_MIB, CHUNKS_PER_64_MIB * size // (64 << 20))
+
+
+def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: int | None = None) -> BuildResult:
+    """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``."""
     started = time.perf_counter()
     image = Image(FLAVORS[flavor_name], seed, size)
     build_kernel(image)
@@ -80,7 +85,7 @@ def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: i
         writer.write_file(path)
     for driver in write_modules(image, lambda size, tag: pools.allocate(size, tag, writer.nonpaged)):
         writer.write_driver(driver["service"], driver["base"], driver["size"])
-    _populate(image, pools, chunks, [process.body for process in processes])
+    _populate(image, pools, chunks or default_chunks(size), [process.body for process in processes])
     pools.finish()
     tables.track_from_manifest(image.manifest, image.rng)
     tables.write(image)
@@ -128,7 +133,7 @@ def _populate(image: Image, pools, count: int, process_bodies: list[int]) -> Non
         aligned = state == "Allocated" and quota is None and rng.random() < CACHE_ALIGNED_SHARE
         pools.allocate(size, profile.tag, pool, state=state, quota_process=quota, cache_aligned=aligned)
     big_weights = [profile.weight for profile in BIG_PROFILES]
-    for profile in rng.choices(BIG_PROFILES, weights=big_weights, k=BIG_ALLOCATIONS):
+    for profile in rng.choices(BIG_PROFILES, weights=big_weights, k=count * BIG_PER_64_MIB // CHUNKS_PER_64_MIB):
         size = rng.randrange(profile.min_size, profile.max_size + 1, 0x10)
         state = "Free" if rng.random() < 0.15 else "Allocated"
         pools.allocate(size, profile.tag, _pool_for(image, profile), state=state)

@@ -16,6 +16,7 @@ from .pe import CODE_CHARACTERISTICS, PeImage, codeview_section
 KUSER_KERNEL = 0xFFFFF78000000000
 KUSER_USER = 0x7FFE0000
 PROCESSORS = 2
+CACHE_LINE = 64  # bytes; cache-aligned pool allocations align their body to this
 # The moment the synthetic system is "captured", as a FILETIME (100 ns since 1601).
 CAPTURE_TIME = datetime.datetime(2026, 1, 15, 8, 0, tzinfo=datetime.timezone.utc)
 FILETIME_EPOCH = datetime.datetime(1601, 1, 1, tzinfo=datetime.timezone.utc)
@@ -52,6 +53,8 @@ def build_kernel(image: Image) -> None:
     _write_version_block(image)
     _write_kuser_shared_data(image)
     image.space.write_u32(image.symbol("KeNumberProcessors"), PROCESSORS)
+    if image.types.has_symbol("ExpCacheLineSize"):
+        image.space.write_u32(image.symbol("ExpCacheLineSize"), CACHE_LINE)
     image.manifest.kernel_base = image.kernel_base
     image.manifest.dtb = image.space.dtb
     image.manifest.build = {

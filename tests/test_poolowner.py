@@ -106,3 +106,36 @@ def test_non_pool_addresses_get_a_reason(sample, where):
         "non-canonical": regions.NON_CANONICAL,
     }[where]
     assert answer.region == expected_region
+
+
+def test_quota_and_cache_aligned_allocations(sample):
+    processes = {o["body"]: f"{o['name']} pid {o['pid']}" for o in sample.manifest["objects"] if o["type"] == "Process"}
+    special = [a for a in sample.manifest["allocations"]
+               if a["state"] == "Allocated" and (a["quota_process"] or a["pool_type"] & 4)]
+    assert any(a["quota_process"] for a in special) and any(a["pool_type"] & 4 for a in special)
+    for allocation in special:
+        answer = owner.find_owner(sample.kernel, allocation["body"])
+        assert answer.owner is not None and answer.owner.address == allocation["address"]
+        if allocation["quota_process"]:
+            assert answer.owner.quota_process == allocation["quota_process"]
+            assert answer.quota_process_name == processes[allocation["quota_process"]]
+        if allocation["pool_type"] & 4:
+            assert answer.owner.body == allocation["body"]
+
+
+def test_address_file_bad_input_and_contents(samples, tmp_path):
+    sample = samples["win7-sp1"]
+    process = next(o for o in sample.manifest["objects"] if o["type"] == "Process" and o["name"] == "lsass.exe")
+    listing = tmp_path / "addresses.txt"
+    listing.write_text(f"# suspicious addresses\n{process['body']:x}  # lsass\nnot-an-address\n0x7ffe0000\n")
+    rows = cli_json("-f", str(sample.image), "windows.poolowner", "--address-file", str(listing), "--contents",
+                    cache_dir=sample.cache)
+    assert len(rows) == 3
+    found, bad, user = rows
+    starred = [row for row in found["__children"] if row["Owner"] == "*"]
+    assert starred[0]["Chunk"] == process["allocation"]
+    assert starred[0]["Object"] == f"Process lsass.exe pid {process['pid']}"
+    dump = [row for row in starred[0]["__children"] if row["Note"]]
+    assert dump and dump[0]["Address"] == process["allocation"]
+    assert "not a hexadecimal address" in bad["Note"]
+    assert user["Region"] == regions.USER_SPACE and "not kernel pool" in user["Note"]

@@ -99,10 +99,10 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 binary,
                 answer.quota_note(chunk) if is_owner else "",
             )
+            if is_owner and self.config.get("contents"):
+                yield from _content_rows(kernel, answer)
         for finding in answer.findings:
             yield 1, _note_row(finding.address, answer.region, finding.reason)
-        if self.config.get("contents") and answer.owner is not None:
-            yield from _content_rows(kernel, answer)
 
     def run(self) -> renderers.TreeGrid:
         return renderers.TreeGrid(

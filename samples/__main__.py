@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from .build import build_image
+from .corruption import KINDS, parse_kinds
 from .flavors import FLAVORS
+from .snapshots import Leak, parse_leak
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -25,6 +27,20 @@ def parse_size(text: str) -> int:
     return size
 
 
+def leak_argument(text: str) -> Leak:
+    try:
+        return parse_leak(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def corrupt_argument(text: str) -> list[str]:
+    try:
+        return parse_kinds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m samples",
@@ -39,8 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for <flavor>-seed<N>.raw and .json (default: %(default)s)")
     parser.add_argument("--chunks", type=int, default=None,
                         help="small pool chunks to place (default: 6000 per 64 MiB of image)")
+    parser.add_argument("--leak", type=leak_argument, action="append", default=[], metavar="TAG:COUNT[:SIZE]",
+                        help="a later snapshot of the same image in which TAG leaked COUNT more live nonpaged "
+                             "allocations of SIZE bytes (default 0x60), e.g. NfkR:400; repeatable")
+    parser.add_argument("--corrupt", type=corrupt_argument, default=[], metavar="KIND[,KIND...]",
+                        help="damage chunks after the build, recorded in the manifest: "
+                             f"{', '.join(KINDS)} (bad-vs-header needs a segment heap flavor)")
     args = parser.parse_args(argv)
-    result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks)
+    if "bad-vs-header" in args.corrupt and not FLAVORS[args.flavor].segment_heap:
+        parser.error(f"--corrupt bad-vs-header needs a segment heap flavor; {args.flavor} has classic pool")
+    result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks, leaks=args.leak,
+                         corrupt=args.corrupt)
     print(f"image    {result.image_path}")
     print(f"manifest {result.manifest_path}")
     print(f"built in {result.seconds:.2f}s: {result.allocations} allocations, {result.frames_used} pages mapped",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from . import corruption, snapshots
 from .classic import ClassicPools
 from .drivers import write_modules
 from .flavors import FLAVORS
@@ -16,6 +18,7 @@ from .pooltables import PoolTables
 from .population import BIG_PROFILES, FREE_SHARE, PROFILES, TagProfile
 from .regions import write_regions
 from .segheap import SegmentHeapPools
+from .snapshots import Leak
 
 CHUNKS_PER_64_MIB = 6000  # small pool chunks placed per 64 MiB of image, so larger images hold more pool
 BIG_PER_64_MIB = 60
@@ -23,6 +26,7 @@ SEED_PAGE_FILLERS = (b"Ntfx", b"FMfn", b"Irp ", b"Vad ", b"Even")
 CACHED_FREE_RANGE = (0x200, 0xF60)  # requests whose block (with its header) fits the dynamic lookaside
 QUOTA_SHARE = 0.05
 CACHE_ALIGNED_SHARE = 0.02
+DRIVER_TAG_ALLOCATIONS = 3  # live chunks per tag of each fake driver, so its tags appear in pool
 
 LIVE_PROCESSES = (
     ("System", 4, 0),
@@ -69,8 +73,13 @@ def default_chunks(size: int) -> int:
     return max(CHUNKS_PER_64_MIB, CHUNKS_PER_64_MIB * size // (64 << 20))
 
 
-def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: int | None = None) -> BuildResult:
-    """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``."""
+def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: int | None = None,
+                leaks: Sequence[Leak] = (), corrupt: Sequence[str] = ()) -> BuildResult:
+    """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``.
+
+    ``leaks`` makes a later snapshot of the same system with those allocations added (see snapshots.py),
+    saved as ``<flavor>-seed<seed>-leak-<tag>-<count>.raw``.  ``corrupt`` damages chunks after the build
+    (kinds of corruption.py, recorded in the manifest), saved as ``...-corrupt-<kind>-<kind>.raw``."""
     started = time.perf_counter()
     image = Image(FLAVORS[flavor_name], seed, size)
     build_kernel(image)
@@ -86,10 +95,12 @@ def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: i
     for driver in write_modules(image, lambda size, tag: pools.allocate(size, tag, writer.nonpaged)):
         writer.write_driver(driver["service"], driver["base"], driver["size"])
     _populate(image, pools, chunks or default_chunks(size), [process.body for process in processes])
+    leaked = snapshots.leak(image, pools, writer.nonpaged, leaks)
     pools.finish()
-    tables.track_from_manifest(image.manifest, image.rng)
+    snapshots.track(tables, image.manifest, leaked, image.rng)
     tables.write(image)
-    return _save(image, out_dir, started)
+    corruption.corrupt(image, corrupt)
+    return _save(image, out_dir, started, snapshots.file_suffix(leaks) + corruption.file_suffix(corrupt))
 
 
 def _map_resident_kernel_data(image: Image) -> None:
@@ -137,6 +148,10 @@ def _populate(image: Image, pools, count: int, process_bodies: list[int]) -> Non
         size = rng.randrange(profile.min_size, profile.max_size + 1, 0x10)
         state = "Free" if rng.random() < 0.15 else "Allocated"
         pools.allocate(size, profile.tag, _pool_for(image, profile), state=state)
+    for driver in image.manifest.drivers:
+        for text in driver["tags"]:
+            for _ in range(DRIVER_TAG_ALLOCATIONS):
+                pools.allocate(rng.randrange(0x40, 0x201, 8), text.encode("ascii"), "NonPaged")
 
 
 def _pool_for(image: Image, profile: TagProfile) -> str:
@@ -146,9 +161,9 @@ def _pool_for(image: Image, profile: TagProfile) -> str:
     return profile.pool
 
 
-def _save(image: Image, out_dir: Path, started: float) -> BuildResult:
+def _save(image: Image, out_dir: Path, started: float, suffix: str = "") -> BuildResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{image.flavor.name}-seed{image.seed}"
+    stem = f"{image.flavor.name}-seed{image.seed}{suffix}"
     image_path = out_dir / f"{stem}.raw"
     manifest_path = out_dir / f"{stem}.json"
     image.space.save(image_path)

@@ -35,7 +35,7 @@ the pool header.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .image import Image
 from .manifest import Allocation, tag_text
@@ -437,10 +437,11 @@ class SegmentHeapPools:
         allocated = state != "Free"
         sub, chunk, data = self._vs_place(heap, block, big=False, allocated=allocated)
         if not allocated:
-            self._write_pool_headers(data, data + block, pool_type, tag, quota_process, bool(pool_type & 4))
+            body = self._write_pool_headers(data, data + block, pool_type, tag, quota_process, bool(pool_type & 4))
             record = self._free_record(sub, chunk)
             record.note = (record.note + "; " if record.note else "") + f"freed {tag_text(tag)}"
-            return record
+            # The caller still writes what the freed allocation held (stale contents) at its body.
+            return replace(record, body=body)
         end = chunk.address + chunk.size
         body = self._write_pool_headers(data, end, pool_type, tag, quota_process, bool(pool_type & 4))
         chunk.data, chunk.pool_header = data, True
@@ -587,6 +588,7 @@ class SegmentHeapPools:
                 break
             count = fits
         address = self._allocate_range(heap, 0, pages, RANGE_LFH_SUBSEGMENT)
+        self.space.map_range(address, span)  # committed whole: slots never handed out read as zeros
         withheld = {
             slot for slot in range(count)
             if (first + slot * block) // PAGE != (first + (slot + 1) * block - 1) // PAGE

@@ -36,6 +36,11 @@ def _initialise(cache_dir: Path) -> None:
     constants.PARALLELISM = constants.Parallelism.Off
     volatility3.plugins.__path__ = [str(PLUGINS)] + constants.PLUGINS_PATH
     volatility3.symbols.__path__ = [str(SYMBOLS)] + constants.SYMBOL_BASEPATHS
+    # A test module may have imported Volatility 3's Windows plugin package before the path above was set:
+    # its merged __path__ must then learn about the checkout's plugin directory too.
+    windows = sys.modules.get("volatility3.plugins.windows")
+    if windows is not None and str(PLUGINS / "windows") not in windows.__path__:
+        windows.__path__.insert(0, str(PLUGINS / "windows"))
     framework.import_files(volatility3.plugins, True)
     _initialised = True
 

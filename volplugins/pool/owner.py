@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import bigpages, classic, objects, regions, segheap
+from . import bigpages, classic, objects, regions, scan, segheap
 from .kernel import Kernel
 from .model import Backing, Chunk, Finding, State
 
@@ -75,26 +75,8 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
 
 
 def _big_answer(kernel: Kernel, address: int, region: str, big: bigpages.BigAllocation) -> OwnerAnswer:
-    backing = Backing.LARGE if kernel.uses_segment_heap and big.size > segheap_large_threshold() else Backing.BIG
-    pool = _pool_of_big(big, region)
-    state = State.FREE if big.free else State.ALLOCATED
-    chunk = Chunk(big.va, big.size, 0, big.tag, state, backing, pool, big.pool_type, body=big.va)
+    chunk = scan.big_chunk(kernel, big, region)
     return OwnerAnswer(address, region, (chunk,), chunk)
-
-
-def segheap_large_threshold() -> int:
-    """Above this many bytes the segment heap serves requests from the VA manager (large), not segments."""
-    return 0x7F000
-
-
-def _pool_of_big(big: bigpages.BigAllocation, region: str) -> str:
-    if big.pool_type is None:
-        return {"Paged pool": "Paged", "Session pool": "Session"}.get(region, "NonPaged")
-    if big.pool_type & 0x20:
-        return "Session"
-    if big.pool_type & 1:
-        return "Paged"
-    return "NonPagedNx" if big.pool_type & 0x200 else "NonPaged"
 
 
 def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnswer:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import numpy as np
 from volatility3.framework import exceptions
 from volatility3.framework.objects import templates
 
@@ -72,7 +73,7 @@ class BitField:
     bit_position: int = 0
     bit_length: int | None = None
 
-    @property
+    @functools.cached_property
     def mask(self) -> int:
         return (1 << (self.bit_length if self.bit_length is not None else self.size * 8)) - 1
 
@@ -86,9 +87,14 @@ class BitField:
         """The same bits, for a buffer that starts at the field's storage unit."""
         return replace(self, offset=0)
 
+    @functools.cached_property
+    def shift(self) -> int:
+        """Where the field starts in an integer holding the whole structure."""
+        return self.offset * 8 + self.bit_position
+
     def of(self, value: int) -> int:
         """The field taken from an integer that holds the whole structure (e.g. ``HeaderBits``)."""
-        return (value >> (self.offset * 8 + self.bit_position)) & self.mask
+        return (value >> self.shift) & self.mask
 
 
 class _Types(Protocol):
@@ -141,6 +147,9 @@ class _KernelTypes:
         return template
 
     def field(self, type_name: str, path: str) -> BitField:
+        return _kernel_field(self._kernel, type_name, path)
+
+    def _field(self, type_name: str, path: str) -> BitField:
         template = self._kernel.module.get_type(type_name)
         offset = 0
         for part in path.split("."):
@@ -156,6 +165,12 @@ class _KernelTypes:
 
     def size(self, type_name: str) -> int:
         return self._kernel.type_size(type_name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_field(kernel: Kernel, type_name: str, path: str) -> BitField:
+    """Field lookups walk Volatility templates; a whole-heap walk asks for the same few fields thousands of times."""
+    return _KernelTypes(kernel)._field(type_name, path)
 
 
 def _offset(kernel: Kernel, type_name: str, path: str) -> int:
@@ -318,13 +333,14 @@ class PoolHeader:
 def decode_pool_header(data: bytes, layout: SegHeapLayout, base: int = 0) -> PoolHeader:
     tag = layout.pool_tag
     billed = layout.pool_process_billed
+    header = int.from_bytes(data[base : base + layout.unit], "little")  # one conversion, every field from it
     return PoolHeader(
-        previous_size=layout.pool_previous_size.read(data, base) * layout.unit,
-        pool_index=layout.pool_index.read(data, base),
-        block_size=layout.pool_block_size.read(data, base) * layout.unit,
-        pool_type=layout.pool_type.read(data, base),
+        previous_size=layout.pool_previous_size.of(header) * layout.unit,
+        pool_index=layout.pool_index.of(header),
+        block_size=layout.pool_block_size.of(header) * layout.unit,
+        pool_type=layout.pool_type.of(header),
         tag=bytes(data[base + tag.offset : base + tag.offset + tag.size]),
-        process_billed=billed.read(data, base) if billed is not None else None,
+        process_billed=billed.of(header) if billed is not None else None,
     )
 
 
@@ -360,6 +376,10 @@ class _Pages:
         self._kernel = kernel
         self._pages: dict[int, bytes | None] = {}
 
+    def preload(self, pages: dict[int, bytes | None]) -> None:
+        """Pages a caller already read in bulk (None: known unreadable), keyed by page address."""
+        self._pages.update(pages)
+
     def _page(self, base: int) -> bytes | None:
         if base not in self._pages:
             try:
@@ -369,6 +389,10 @@ class _Pages:
         return self._pages[base]
 
     def read(self, address: int, size: int) -> bytes | None:
+        base = address & ~(PAGE_SIZE - 1)
+        if address + size <= base + PAGE_SIZE:  # the common case: inside one page
+            page = self._page(base)
+            return None if page is None else page[address - base : address - base + size]
         out = bytearray()
         while size > 0:
             base = address & ~(PAGE_SIZE - 1)
@@ -521,6 +545,7 @@ class SegContext:
     segment_mask: int
     unit_shift: int
     first_descriptor_index: int
+    max_allocation_size: int = 0  # largest request in bytes its segments serve
 
 
 @dataclass(frozen=True)
@@ -565,7 +590,7 @@ def _seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
         if data is None:
             out.append(Finding(address, "_HEAP_SEG_CONTEXT unreadable"))
             continue
-        names = ("SegmentMask", "UnitShift", "FirstDescriptorIndex")
+        names = ("SegmentMask", "UnitShift", "FirstDescriptorIndex", "MaxAllocationSize")
         out.append(SegContext(address, heap, index, *(types.field(ctx_type, name).read(data) for name in names)))
     return out
 
@@ -577,6 +602,34 @@ def _signature_owner(signature: int, segment: int, heap_key: int, contexts: dict
         if found is not None:
             return found
     return None
+
+
+# SegContexts[1].MaxAllocationSize of the 19H1+ kernels: the bound used when no pool heap can be read.
+DEFAULT_LARGE_THRESHOLD = 0x7F0000
+
+
+@functools.lru_cache(maxsize=8)
+def large_allocation_threshold(kernel: Kernel) -> int:
+    """Bytes above which the pool heaps serve a request from the VA manager ("large") instead of a segment.
+
+    The bound is the largest ``MaxAllocationSize`` of the pool heaps' segment contexts (read once per kernel).
+    """
+    sizes = [
+        context.max_allocation_size
+        for heap in pool_heaps(kernel)
+        if isinstance(heap, PoolHeap)
+        for context in seg_contexts(kernel, heap)
+        if isinstance(context, SegContext)
+    ]
+    return max(sizes, default=0) or DEFAULT_LARGE_THRESHOLD
+
+
+def big_backing(kernel: Kernel, size: int) -> Backing:
+    """How a big page table allocation of ``size`` bytes is backed: Large on the segment heap beyond every
+    segment context's reach, Big otherwise (classic pool pages, segment page ranges, page-aligned VS blocks)."""
+    if kernel.uses_segment_heap and size > large_allocation_threshold(kernel):
+        return Backing.LARGE
+    return Backing.BIG
 
 
 @_reports_missing_symbols
@@ -744,8 +797,10 @@ def _body(walk: _Walk, header: PoolHeader, address: int) -> int:
     """The caller's body; a cache-aligned block may carry a second header whose PreviousSize points back here."""
     unit = walk.layout.unit
     plain = address + unit
+    if not header.pool_type & POOL_CACHE_ALIGNED:
+        return plain
     cache_line = _global(walk.kernel, "ExpCacheLineSize", 4)
-    if not header.pool_type & POOL_CACHE_ALIGNED or not cache_line:
+    if not cache_line:
         return plain
     for step in range(1, cache_line // unit + 1):
         candidate = address + step * unit
@@ -762,7 +817,7 @@ def _body(walk: _Walk, header: PoolHeader, address: int) -> int:
 
 def _cached(cached: frozenset[int], *addresses: int) -> bool:
     """Lookaside and delay-free entries are taken to point at the heap block, the pool header or the body."""
-    return any(address in cached for address in addresses)
+    return not cached.isdisjoint(addresses)
 
 
 def _pool_chunk(
@@ -842,8 +897,10 @@ def _vs_allocated(walk: _Walk, chunk: int, chunk_end: int) -> Chunk:
     heap_block = chunk + walk.layout.vs_header_size
     block_size = chunk_end - heap_block
     if not vs_block_has_pool_header(heap_block, block_size, unit):
-        state = State.CACHED_FREE if _cached(walk.cached, heap_block) else State.ALLOCATED
-        return Chunk(heap_block, block_size, 0, b"", state, Backing.VS, walk.pool, body=heap_block)
+        # Big requests are handed out page aligned: padding between the chunk header and the page may precede.
+        start = min(-(-heap_block // PAGE_SIZE) * PAGE_SIZE, chunk_end)
+        state = State.CACHED_FREE if _cached(walk.cached, heap_block, start) else State.ALLOCATED
+        return Chunk(start, chunk_end - start, 0, b"", state, Backing.VS, walk.pool, body=start)
     address = vs_pool_header_address(heap_block, unit)
     found = _pool_chunk(walk, address, Backing.VS, True, heap_block)
     return found if found.state is not State.UNREADABLE else replace(found, size=chunk_end - address)
@@ -882,17 +939,66 @@ def _lfh_walk(
     if bitmap is None:
         yield Finding(subsegment + bitmap_offset, "LFH block bitmap unreadable")
         return
-    end = subsegment + range_size if range_size else None
-    for index in range(count):
-        address = subsegment + first + index * block_size
-        if end is not None and address + block_size > end:
-            yield Finding(address, f"LFH BlockCount {count} runs past the page range end {end:#x}")
-            return
-        if address // PAGE_SIZE != (address + block_size - 1) // PAGE_SIZE:
-            continue  # slots that would straddle a page are never handed out
-        if page is not None and address & ~(PAGE_SIZE - 1) != page:
+    usable = count
+    if range_size:
+        usable = min(count, max(0, (range_size - first) // block_size))  # slots that end inside the range
+    offsets, allocated = _lfh_slots(subsegment, first, block_size, usable, bitmap, page)
+    yield from _lfh_blocks_at(walk, subsegment, offsets, allocated, block_size)
+    if usable < count:
+        end = subsegment + range_size
+        yield Finding(subsegment + first + usable * block_size, f"LFH BlockCount {count} runs past the page range end {end:#x}")
+
+
+def _lfh_slots(
+    subsegment: int, first: int, block_size: int, count: int, bitmap: bytes, page: int | None
+) -> tuple[list[int], list[bool]]:
+    """Offsets (from the subsegment) and bitmap state of the slots that can hold blocks, for all slots at once.
+
+    Slots that would straddle a page are never handed out; ``page`` keeps only the slots starting in that page.
+    """
+    index = np.arange(count, dtype=np.int64)
+    offsets = first + index * block_size
+    start_in_page = (subsegment % PAGE_SIZE + offsets) % PAGE_SIZE
+    keep = start_in_page + block_size <= PAGE_SIZE
+    if page is not None:
+        wanted = page - subsegment  # offset of the page from the subsegment
+        keep &= (offsets - start_in_page == wanted) if abs(wanted) < 1 << 62 else False
+    bits = np.frombuffer(bitmap, dtype=np.uint8)
+    byte = index // 4
+    inside = byte < len(bits)
+    pair = (bits[np.minimum(byte, max(len(bits) - 1, 0))] >> ((index % 4) * 2).astype(np.uint8)) & 3 if len(bits) \
+        else np.zeros(count, dtype=np.uint8)
+    allocated = inside & (pair == 1)  # two bits per block: 01 is handed out (see lfh_block_allocated)
+    return offsets[keep].tolist(), allocated[keep].tolist()
+
+
+def _lfh_blocks_at(
+    walk: _Walk, subsegment: int, offsets: list[int], allocated: list[bool], block_size: int
+) -> Iterator[Chunk]:
+    """LFH blocks decoded from one buffer of the subsegment's pages; per-block reads when a page is missing."""
+    layout, unit = walk.layout, walk.layout.unit
+    lead = subsegment % PAGE_SIZE
+    buffer = walk.pages.read(subsegment - lead, lead + offsets[-1] + unit) if offsets else None
+    if buffer is None:
+        for offset, busy in zip(offsets, allocated):
+            yield _pool_chunk(walk, subsegment + offset, Backing.LFH, busy, subsegment + offset, block_size)
+        return
+    previous, pool_type, tag = layout.pool_previous_size, layout.pool_type, layout.pool_tag
+    special = POOL_CACHE_ALIGNED | POOL_QUOTA  # bodies and charges that need the full decode
+    for offset, busy in zip(offsets, allocated):
+        address, at = subsegment + offset, lead + offset
+        header = int.from_bytes(buffer[at : at + unit], "little")
+        kind = pool_type.of(header)
+        if busy and kind & special:
+            yield _pool_chunk(walk, address, Backing.LFH, True, address, block_size)
             continue
-        yield _pool_chunk(walk, address, Backing.LFH, lfh_block_allocated(bitmap, index), address, block_size)
+        name = buffer[at + tag.offset : at + tag.offset + tag.size]
+        if not busy:
+            yield Chunk(address, block_size, previous.of(header) * unit, name, State.FREE, Backing.LFH, walk.pool, kind)
+            continue
+        body = address + unit
+        state = State.CACHED_FREE if address in walk.cached or body in walk.cached else State.ALLOCATED
+        yield Chunk(address, block_size, previous.of(header) * unit, name, state, Backing.LFH, walk.pool, kind, body)
 
 
 def _plausible_lfh_offsets(
@@ -923,6 +1029,39 @@ def lfh_blocks(
     ``range_size`` (the page range's size), when given, bounds the walk.
     """
     yield from _lfh_walk(_Walk.of(kernel, pool, cached), subsegment_address, lfh_key, range_size)
+
+
+def _whole_range(walk: _Walk, page_range: PageRange) -> Chunk:
+    """A range allocated as one block: no pool header (its tag and size live in the big page table)."""
+    start = page_range.address
+    state = State.CACHED_FREE if _cached(walk.cached, start) else State.ALLOCATED
+    return Chunk(start, page_range.size, 0, b"", state, Backing.LARGE, walk.pool, body=start)
+
+
+@_reports_missing_symbols
+def range_chunks(
+    kernel: Kernel,
+    page_range: PageRange,
+    keys: HeapKeys,
+    cached: frozenset[int] = frozenset(),
+    pages: dict[int, bytes | None] | None = None,
+) -> Iterator[Chunk | Finding]:
+    """Every chunk of one busy page range in address order: its VS chunks, its LFH blocks, or the range itself.
+
+    ``pages`` are the range's pages when the caller already read them in bulk (None for an unreadable page),
+    so a whole-heap walk reads each range once instead of page by page.  Headerless blocks (page-aligned VS
+    blocks, whole ranges) come back with an empty tag and no PoolType: the big page table names them.
+    """
+    walk = _Walk.of(kernel, page_range.segment.context.heap.pool, cached)
+    if pages:
+        walk.pages.preload(pages)
+    if page_range.kind is RangeKind.VS:
+        for item, _, _ in _vs_walk(walk, page_range.address, keys.heap_key):
+            yield item
+    elif page_range.kind is RangeKind.LFH:
+        yield from _lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size)
+    else:
+        yield _whole_range(walk, page_range)
 
 
 # --------------------------------------------------------------------------- lookasides and delay-free lists
@@ -1065,8 +1204,6 @@ def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | No
             if item.contains(address):
                 owner = item
     else:
-        state = State.CACHED_FREE if _cached(cached, page_range.address) else State.ALLOCATED
-        start = page_range.address
-        owner = Chunk(start, page_range.size, 0, b"", state, Backing.LARGE, heap.pool, body=start)
+        owner = _whole_range(walk, page_range)
         chunks.append(owner)
     return OwnerResult(address, heap, segment, page_range, tuple(chunks), owner, tuple(findings))

@@ -10,9 +10,9 @@ from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
 from volplugins.pool import addresses, owner
+from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import tag_text
-from volplugins.pool.tagdb import TagDatabase
 
 vollog = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
                 optional=True,
             ),
+            requirements.ChoiceRequirement(
+                name="driver-scan",
+                choices=[mode.value for mode in DriverScan],
+                description="Name the binary of tags without one in the descriptions from the loaded drivers' code: "
+                            "auto = only when such a tag is shown (default), always, never",
+                default=DriverScan.AUTO.value,
+                optional=True,
+            ),
         ]
 
     def _addresses(self) -> list[addresses.ParsedAddress]:
@@ -64,9 +72,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
 
     def _generator(self) -> Iterator[tuple[int, tuple]]:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
-        tags = TagDatabase.load(self.config.get("pooltag-file") or [])
-        for warning in tags.warnings:
-            vollog.warning("tag file %s line %s: %s", *warning)
+        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], self.config.get("driver-scan"))
         requested = self._addresses()
         if not requested:
             vollog.error("no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE")
@@ -76,8 +82,11 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 continue
             answer = owner.find_owner(kernel, parsed.value)
             yield from self._answer_rows(kernel, answer, tags)
+        if tags.findings:
+            vollog.info("driver scan: %d part(s) of modules unreadable (windows.pooldrivers lists them)",
+                        len(tags.findings))
 
-    def _answer_rows(self, kernel: Kernel, answer: owner.OwnerAnswer, tags: TagDatabase):
+    def _answer_rows(self, kernel: Kernel, answer: owner.OwnerAnswer, tags: TagAttribution):
         yield 0, _note_row(answer.address, answer.region, answer.headline())
         for chunk in answer.chunks:
             is_owner = answer.owner is not None and chunk == answer.owner

@@ -1,0 +1,132 @@
+"""Free space in the pools: how much, in how many pieces, and what the pieces held before.
+
+Per region and backing the summary counts free chunks and bytes, cached-free
+chunks (freed by their caller but parked in a lookaside list, so the heap
+cannot hand them to other sizes) separately, and the largest free run:
+free chunks that touch are merged, since an allocator could serve one
+request from them once coalesced (LFH slots side by side, say).
+
+Fragmentation is ``1 - largest_free_run / free_bytes``: 0 when all free
+memory of the group is one run, approaching 1 when it is scattered in many
+small pieces (a request the size of the free total could not be served).
+A group with no free bytes has fragmentation 0.
+
+A free chunk's stale tag is the tag of the allocation that last used it.
+Classic and LFH free chunks keep it in their own pool header, big page table
+entries in the entry.  A free VS chunk's header is encoded and its first
+pool header is overwritten by the free-tree node, so the stale tag is taken
+from the first intact pool header left inside the chunk, if any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from volatility3.framework import exceptions
+
+from .classic import HeaderLayout, header_layout
+from .kernel import Kernel
+from .model import Backing, Chunk, State
+from .validate import printable_tag
+
+IN_USE_BIT = 2  # header PoolType of an allocated block (0 = free)
+STALE_SEARCH_LIMIT = 0x10000  # bytes of a free VS chunk searched for a stale pool header
+FREE_STATES = (State.FREE, State.CACHED_FREE)
+
+
+@dataclass(frozen=True)
+class FreeSummary:
+    """Free space of one (region, backing) group."""
+
+    region: str
+    backing: str
+    free_chunks: int
+    free_bytes: int
+    cached_free_chunks: int
+    cached_free_bytes: int
+    largest_free_run: int
+    free_runs: int
+
+    @property
+    def fragmentation(self) -> float:
+        """``1 - largest_free_run / free_bytes``; 0 for one contiguous run or no free bytes."""
+        return 1.0 - self.largest_free_run / self.free_bytes if self.free_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class StaleTag:
+    """The tag a free chunk's last user left, and the header it was read from (None: nothing left)."""
+
+    tag: bytes
+    header: int | None
+
+
+def free_runs(chunks: Iterable[Chunk]) -> list[tuple[int, int]]:
+    """(start, size) of runs of free chunks that touch, merged, in address order."""
+    runs: list[list[int]] = []
+    for chunk in sorted((c for c in chunks if c.state is State.FREE), key=lambda c: c.address):
+        if runs and runs[-1][0] + runs[-1][1] == chunk.address:
+            runs[-1][1] += chunk.size
+        else:
+            runs.append([chunk.address, chunk.size])
+    return [(start, size) for start, size in runs]
+
+
+def summarize(chunks: Iterable[tuple[Chunk, str]]) -> list[FreeSummary]:
+    """One summary per (region, backing) that holds free or cached-free chunks, sorted by region then backing."""
+    groups: dict[tuple[str, str], list[Chunk]] = {}
+    for chunk, region in chunks:
+        if chunk.state in FREE_STATES:
+            groups.setdefault((region, chunk.backing.value), []).append(chunk)
+    summaries = []
+    for (region, backing), members in sorted(groups.items()):
+        free = [c for c in members if c.state is State.FREE]
+        cached = [c for c in members if c.state is State.CACHED_FREE]
+        runs = free_runs(free)
+        summaries.append(FreeSummary(
+            region=region,
+            backing=backing,
+            free_chunks=len(free),
+            free_bytes=sum(c.size for c in free),
+            cached_free_chunks=len(cached),
+            cached_free_bytes=sum(c.size for c in cached),
+            largest_free_run=max((size for _, size in runs), default=0),
+            free_runs=len(runs),
+        ))
+    return summaries
+
+
+def stale_tag(kernel: Kernel, chunk: Chunk) -> StaleTag:
+    """The tag of the allocation that last used a free chunk (see the module notes)."""
+    if chunk.backing is not Backing.VS or chunk.state is not State.FREE:
+        return StaleTag(chunk.tag, chunk.address)
+    layout = header_layout(kernel)
+    try:
+        data = kernel.read(chunk.address, min(chunk.size, STALE_SEARCH_LIMIT), pad=True)
+    except exceptions.InvalidAddressException:
+        return StaleTag(b"", None)
+    offset = stale_header_offset(data, layout)
+    if offset is None:
+        return StaleTag(b"", None)
+    start = offset + layout.pool_tag.offset
+    return StaleTag(bytes(data[start : start + layout.pool_tag.size]), chunk.address + offset)
+
+
+def stale_header_offset(data: bytes, layout: HeaderLayout) -> int | None:
+    """Offset of the first intact-looking pool header of a VS free chunk's bytes, or None.
+
+    A pool header in a VS block has PreviousSize 0 (cache-aligned second headers aside), the in-use bit
+    in its PoolType, a printable tag and a BlockSize that ends inside the chunk.  The chunk's own 16-byte
+    header and the free-tree node after it are skipped.
+    """
+    unit = layout.unit
+    for offset in range(2 * unit, len(data) - unit + 1, unit):
+        blocks = layout.block_size.extract(data, offset)
+        if (layout.previous_size.extract(data, offset) == 0 and blocks
+                and layout.pool_type.extract(data, offset) & IN_USE_BIT
+                and offset + blocks * unit <= len(data)):
+            start = offset + layout.pool_tag.offset
+            if printable_tag(bytes(data[start : start + layout.pool_tag.size])):
+                return offset
+    return None

@@ -1,0 +1,501 @@
+"""Every chunk of every pool of an image, in one pass: the walker behind the pool census and the benchmark.
+
+Two pool designs, one answer:
+
+* Segment heap (Windows 10 19H1+ and 11): every heap under ``ExPoolState``, every segment of its segment
+  contexts, every busy page range read in one go and cut into its VS chunks, LFH blocks (never-allocated slots
+  included, as free blocks) or, for a range allocated whole, one allocation.  Blocks without a pool header
+  (page-aligned VS blocks, whole ranges) are named by the big page table entry at their address.
+* Classic pool (Windows 7 to 10 1809): the mapped pages of the pool regions, found through the layer's own
+  mapping (which skips a missing page table level at once, so the 128 GiB paged pool VA costs what is mapped),
+  read in large blocks; the PreviousSize/BlockSize chain of every page is checked for all pages of a block at
+  once with numpy, and only pages whose chain covers the page exactly are pool pages.  Other kernel data lives
+  in these regions too (tag tables, big allocation bodies): such pages are counted, not reported, unless their
+  first header looks like a pool header and the chain then breaks, which is corruption.
+
+The big page table completes both: allocations no walk met (the VA manager's "large" allocations, classic big
+pages) and freed entries whose memory no walked chunk occupies now.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from volatility3.framework import exceptions
+
+from . import bigpages, classic, regions, segheap
+from .census import CensusRow, census
+from .kernel import FieldLayout, Kernel
+from .model import Backing, Chunk, Finding, State
+
+__all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks", "big_chunk"]
+
+Progress = Callable[[float, str], None]
+
+BLOCK_BYTES = 4 << 20  # largest single read of pool pages
+_SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)
+_NX_DEFAULT = 0x200  # NonPagedPoolNx in wdm.h, for ISFs without the _POOL_TYPE enum
+_REGION_POOLS = {"Paged pool": "Paged", "Session pool": "Session"}
+_SKIPPED_REGIONS = ("Special pool",)  # one allocation per page at the page's end: no chunk chain to walk
+
+
+@dataclass
+class Coverage:
+    """How much of the pools the answer covers, and what it cost."""
+
+    heaps: int = 0
+    segments: int = 0
+    subsegments: int = 0  # VS and LFH subsegments walked
+    pages_walked: int = 0  # pages read: busy page ranges (segment heap), mapped pool-region pages (classic)
+    pages_unreadable: int = 0  # pages of busy ranges or mapped runs that could not be read
+    big_entries: int = 0  # in-use big page table entries, live and freed
+    vs_subsegments: int = 0
+    lfh_subsegments: int = 0
+    whole_ranges: int = 0  # segment page ranges allocated as one block
+    classic_pages: int = 0  # pages whose chunk chain covers the page exactly
+    pages_not_pool: int = 0  # mapped pool-region pages that hold no chunk chain (other data, big allocations)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PoolScan:
+    chunks: list[Chunk] = field(default_factory=list)  # address order, no duplicates
+    findings: list[Finding] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
+
+
+def scan_pools(kernel: Kernel, progress: Progress | None = None) -> PoolScan:
+    """Every chunk of every pool, sorted by address, with the problems met and the coverage reached."""
+    result = PoolScan()
+    for item in iter_chunks(kernel, progress, result.coverage):
+        if isinstance(item, Finding):
+            result.findings.append(item)
+        else:
+            result.chunks.append(item)
+    result.chunks.sort(key=lambda chunk: chunk.address)
+    return result
+
+
+def iter_chunks(kernel: Kernel, progress: Progress | None = None,
+                coverage: Coverage | None = None) -> Iterator[Chunk | Finding]:
+    """The streaming form of :func:`scan_pools`: chunks in walk order (heap by heap, or region by region,
+    then the big page table), findings as they are met.  ``progress(percent, message)`` is called along
+    the way with 0..100, as Volatility's progress callbacks take it; ``coverage`` is filled in when given."""
+    coverage = coverage if coverage is not None else Coverage()
+    report = progress or (lambda percent, message: None)
+    started = time.perf_counter()
+    table = bigpages.read_big_page_table(kernel)
+    yield from table.findings
+    coverage.big_entries = len(table.allocations)
+    starts: list[int] = []
+    sizes: list[int] = []
+    try:
+        walk = _segment_heap if kernel.uses_segment_heap else _classic_pool
+        for item in walk(kernel, table, coverage, report):
+            if isinstance(item, Chunk):
+                starts.append(item.address)
+                sizes.append(item.size)
+            yield item
+    except _SYMBOLS_MISSING as error:
+        yield Finding(0, f"pool scan: kernel symbols lack {error}")
+    except exceptions.InvalidAddressException as error:
+        yield Finding(error.invalid_address, f"pool scan stopped: {error}")
+    report(95.0, "Big page table")
+    yield from _big_table_chunks(kernel, table, _Extents(starts, sizes))
+    coverage.seconds = time.perf_counter() - started
+    report(100.0, "Pool scan complete")
+
+
+# --------------------------------------------------------------------------- big page table
+
+
+@functools.lru_cache(maxsize=8)
+def _nx_bit(kernel: Kernel) -> int:
+    try:
+        return dict(kernel.module.get_enumeration("_POOL_TYPE").choices).get("NonPagedPoolNx", _NX_DEFAULT)
+    except exceptions.SymbolError:
+        return _NX_DEFAULT
+
+
+def _big_pool(kernel: Kernel, pool_type: int | None, region: str) -> str:
+    """The pool a big allocation came from: its entry's PoolType, else the region it lies in."""
+    if pool_type is None:
+        return _REGION_POOLS.get(region, "NonPaged")
+    layout = classic.header_layout(kernel)
+    if pool_type & layout.session_bit:
+        return "Session"
+    if pool_type & layout.paged_bit:
+        return "Paged"
+    return "NonPagedNx" if pool_type & _nx_bit(kernel) else "NonPaged"
+
+
+def big_chunk(kernel: Kernel, big: bigpages.BigAllocation, region: str = "") -> Chunk:
+    """A big page table entry as a chunk: freed entries are Free, Large/Big as the segment heap decides.
+
+    ``region`` (the region name holding the address) names the pool when the entry keeps no PoolType.
+    """
+    state = State.FREE if big.free else State.ALLOCATED
+    pool = _big_pool(kernel, big.pool_type, region)
+    return Chunk(big.va, big.size, 0, big.tag, state, segheap.big_backing(kernel, big.size), pool, big.pool_type,
+                 body=big.va)
+
+
+class _Extents:
+    """Address ranges of listed chunks, to keep stale big page table entries off memory a chunk holds now."""
+
+    def __init__(self, starts: list[int], sizes: list[int]):
+        order = np.argsort(np.array(starts, dtype=np.uint64), kind="stable")
+        self._starts = np.array(starts, dtype=np.uint64)[order]
+        ends = self._starts + np.maximum(np.array(sizes, dtype=np.uint64)[order], np.uint64(1))
+        self._reach = np.maximum.accumulate(ends) if len(ends) else ends
+        self.listed = set(starts)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        position = int(np.searchsorted(self._starts, np.uint64(end), side="left")) - 1
+        return position >= 0 and int(self._reach[position]) > start
+
+
+def _big_table_chunks(kernel: Kernel, table: bigpages.BigPageTable, extents: _Extents) -> Iterator[Chunk | Finding]:
+    """Big allocations no walk listed: live ones, and freed ones whose memory no listed chunk holds now.
+
+    Of freed entries over the same memory the latest in table order is kept, as the owner lookup does.
+    """
+    live = sorted((a for a in table.allocations if not a.free and a.size > 0), key=lambda a: a.va)
+    for entry in live:
+        if entry.va in extents.listed:
+            continue
+        if extents.overlaps(entry.va, entry.end):
+            yield Finding(entry.va, f"big page table entry {entry.index} ({entry.size:#x} bytes) overlaps pool chunks")
+            continue
+        yield big_chunk(kernel, entry, regions.classify(kernel, entry.va).name)
+    live_extents = _Extents([entry.va for entry in live], [entry.size for entry in live])
+    freed = sorted((a for a in table.allocations if a.free and a.size > 0), key=lambda a: -a.index)
+    kept_starts: list[int] = []  # freed entries kept so far: disjoint, so sorted starts have sorted ends
+    kept: list[Chunk] = []
+    for entry in freed:
+        if entry.va in extents.listed or extents.overlaps(entry.va, entry.end) \
+                or live_extents.overlaps(entry.va, entry.end):
+            continue
+        position = bisect.bisect_left(kept_starts, entry.end) - 1
+        if position >= 0 and kept[position].end > entry.va:
+            continue
+        chunk = big_chunk(kernel, entry, regions.classify(kernel, entry.va).name)
+        where = bisect.bisect_left(kept_starts, entry.va)
+        kept_starts.insert(where, entry.va)
+        kept.insert(where, chunk)
+    yield from kept
+
+
+# --------------------------------------------------------------------------- segment heap
+
+
+def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage,
+                  report: Progress) -> Iterator[Chunk | Finding]:
+    keys = segheap.heap_keys(kernel)
+    if isinstance(keys, Finding):
+        yield keys
+        return
+    cached = segheap.cached_free_addresses(kernel)
+    live_big = {a.va: a for a in table.allocations if not a.free}
+    heaps = segheap.pool_heaps(kernel)
+    for number, heap in enumerate(heaps):
+        if isinstance(heap, Finding):
+            yield heap
+            continue
+        coverage.heaps += 1
+        found = list(segheap.segments(kernel, heap, keys.heap_key))
+        for position, segment in enumerate(found):
+            if isinstance(segment, Finding):
+                yield segment
+                continue
+            coverage.segments += 1
+            done = 95.0 * (number + position / len(found)) / len(heaps)
+            report(done, f"{heap.pool} heap {heap.address:#x}: segment {segment.address:#x}")
+            yield from _segment_chunks(kernel, segment, keys, cached, live_big, coverage)
+
+
+def _segment_chunks(kernel: Kernel, segment: segheap.Segment, keys: segheap.HeapKeys, cached: frozenset[int],
+                    live_big: dict[int, bigpages.BigAllocation], coverage: Coverage) -> Iterator[Chunk | Finding]:
+    for page_range in segheap.page_ranges(kernel, segment):
+        if isinstance(page_range, Finding):
+            yield page_range
+            continue
+        _count_range(page_range.kind, coverage)
+        pages = _read_pages(kernel, page_range.address, page_range.size, coverage)
+        for item in segheap.range_chunks(kernel, page_range, keys, cached, pages):
+            if isinstance(item, Chunk) and _headerless(item):
+                yield from _named_by_big_table(kernel, item, live_big)
+            else:
+                yield item
+
+
+def _count_range(kind: segheap.RangeKind, coverage: Coverage) -> None:
+    if kind is segheap.RangeKind.VS:
+        coverage.vs_subsegments += 1
+    elif kind is segheap.RangeKind.LFH:
+        coverage.lfh_subsegments += 1
+    else:
+        coverage.whole_ranges += 1
+    coverage.subsegments = coverage.vs_subsegments + coverage.lfh_subsegments
+
+
+def _headerless(chunk: Chunk) -> bool:
+    """A busy block the walker found no pool header for: a page-aligned VS block or a whole page range."""
+    return chunk.pool_type is None and chunk.state in (State.ALLOCATED, State.CACHED_FREE) and not chunk.tag
+
+
+def _named_by_big_table(kernel: Kernel, chunk: Chunk,
+                        live_big: dict[int, bigpages.BigAllocation]) -> Iterator[Chunk | Finding]:
+    """Tag, size and backing of a headerless block come from its big page table entry."""
+    entry = live_big.get(chunk.address)
+    if entry is None:
+        yield Finding(chunk.address, f"busy {chunk.backing.value} block of {chunk.size:#x} bytes has no pool header"
+                                     " and no big page table entry")
+        yield chunk
+        return
+    named = big_chunk(kernel, entry)
+    yield replace(named, pool=chunk.pool, state=chunk.state)
+
+
+def _read_pages(kernel: Kernel, start: int, size: int, coverage: Coverage) -> dict[int, bytes | None]:
+    """The pages of [start, start + size) through the layer's mapping, one read per mapped run (None: unmapped)."""
+    page = segheap.PAGE_SIZE
+    pages: dict[int, bytes | None] = dict.fromkeys(range(start, start + size, page))
+    for offset, _, data in _mapped_runs(kernel, start, size, coverage):
+        if data is None:
+            continue
+        for at in range(0, len(data), page):
+            pages[offset + at] = data[at : at + page]
+    unreadable = sum(1 for value in pages.values() if value is None)
+    coverage.pages_walked += len(pages) - unreadable
+    coverage.pages_unreadable += unreadable
+    return pages
+
+
+def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
+                 limit: int = BLOCK_BYTES) -> Iterator[tuple[int, int, bytes | None]]:
+    """(address, length, bytes) of the mapped parts of a VA range: virtually contiguous runs of at most ``limit``
+    bytes, or None for a mapped piece whose backing cannot be read.
+
+    The layer's ``mapping`` translates (skipping whole missing tables); the bytes come from the layer it maps
+    to, one read per physically contiguous piece.
+    """
+    run_start, parts, run_length = 0, [], 0
+    for offset, length, mapped, _, layer_name in kernel.layer.mapping(start, size, ignore_errors=True):
+        while length > 0:
+            if not parts or run_start + run_length != offset or run_length >= limit:
+                if parts:
+                    yield run_start, run_length, b"".join(parts)
+                run_start, parts, run_length = offset, [], 0
+            take = min(length, limit - run_length)
+            data = _physical(kernel, layer_name, mapped, take)
+            if data is None:
+                if parts:
+                    yield run_start, run_length, b"".join(parts)
+                yield offset, take, None
+                parts, run_length = [], 0
+            else:
+                coverage.bytes_read += take
+                parts.append(data)
+                run_length += take
+            offset, mapped, length = offset + take, mapped + take, length - take
+    if parts:
+        yield run_start, run_length, b"".join(parts)
+
+
+def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> bytes | None:
+    try:
+        return kernel.context.layers[layer_name].read(offset, length)
+    except exceptions.InvalidAddressException:
+        return None
+
+
+# --------------------------------------------------------------------------- classic pool
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int
+    end: int
+    pool: str
+    name: str
+
+
+def _pool_spans(kernel: Kernel) -> list[_Span]:
+    """Pool regions cut so that no VA is walked twice; a VA in nested regions goes to the smallest."""
+    chosen: list[_Span] = []
+    candidates = [r for r in regions.kernel_regions(kernel)
+                  if r.pool is not None and not r.name.startswith(_SKIPPED_REGIONS)]
+    for region in sorted(candidates, key=lambda r: r.size):
+        pieces = [(region.start, region.end)]
+        for taken in chosen:
+            pieces = [part for lo, hi in pieces for part in _subtract(lo, hi, taken.start, taken.end)]
+        chosen += [_Span(lo, hi, region.pool, region.name) for lo, hi in pieces]
+    return sorted(chosen, key=lambda span: span.start)
+
+
+def _subtract(lo: int, hi: int, cut_lo: int, cut_hi: int) -> list[tuple[int, int]]:
+    if cut_hi <= lo or cut_lo >= hi:
+        return [(lo, hi)]
+    return [(a, b) for a, b in ((lo, cut_lo), (cut_hi, hi)) if a < b]
+
+
+@dataclass(frozen=True)
+class _ClassicDecoder:
+    """What decoding classic pages needs, fixed for one kernel."""
+
+    layout: classic.HeaderLayout
+    cookie: int | None
+    page_size: int
+    pool_names: dict[int, str]  # header PoolType -> pool, filled as types are met
+
+    @classmethod
+    def of(cls, kernel: Kernel) -> "_ClassicDecoder":
+        layout = classic.header_layout(kernel)
+        return cls(layout, classic.quota_cookie(kernel), classic.layer_page_size(kernel), {})
+
+    def pool_name(self, pool_type: int) -> str:
+        name = self.pool_names.get(pool_type)
+        if name is None:
+            name = self.pool_names[pool_type] = self.layout.pool_name(pool_type)
+        return name
+
+
+def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage,
+                  report: Progress) -> Iterator[Chunk | Finding]:
+    decoder = _ClassicDecoder.of(kernel)
+    live = sorted((a.va, a.end) for a in table.allocations if not a.free and a.size > 0)
+    big_starts = np.array([start for start, _ in live], dtype=np.uint64)
+    big_reach = np.maximum.accumulate(np.array([end for _, end in live] or [0], dtype=np.uint64))
+    spans = _pool_spans(kernel)
+    total = sum(span.end - span.start for span in spans) or 1
+    done = 0
+    for span in spans:
+        for offset, length, data in _mapped_runs(kernel, span.start, span.end - span.start, coverage):
+            report(95.0 * (done + offset - span.start) / total, f"{span.name}: pages at {offset:#x}")
+            if data is None:
+                coverage.pages_unreadable += length // decoder.page_size
+                continue
+            pages = len(data) // decoder.page_size
+            coverage.pages_walked += pages
+            page_addresses = offset + np.arange(pages, dtype=np.uint64) * np.uint64(decoder.page_size)
+            in_big = _inside(page_addresses, big_starts, big_reach)
+            yield from _classic_block(data, offset, span.pool, decoder, in_big, coverage)
+        done += span.end - span.start
+
+
+def _inside(addresses: np.ndarray, starts: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """Which addresses fall inside a live big allocation (``reach``: running maximum of their ends)."""
+    if not len(starts):
+        return np.zeros(len(addresses), dtype=bool)
+    position = np.searchsorted(starts, addresses, side="right").astype(np.int64) - 1
+    return (position >= 0) & (reach[np.maximum(position, 0)] > addresses)
+
+
+class _Headers:
+    """One header field of many chunks of a block at once, through typed views of the block's bytes."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self._views: dict[int, np.ndarray] = {1: np.frombuffer(data, dtype=np.uint8)}
+
+    def field(self, positions: np.ndarray, where: FieldLayout) -> np.ndarray:
+        """The field of the headers at byte ``positions`` (uint64); positions are pool-block aligned."""
+        if where.size in (2, 4, 8) and where.offset % where.size == 0:
+            if where.size not in self._views:
+                self._views[where.size] = np.frombuffer(self._data, dtype=np.dtype(f"<u{where.size}"))
+            value = self._views[where.size][(positions + where.offset) // where.size].astype(np.uint64)
+        else:
+            value = np.zeros(len(positions), dtype=np.uint64)
+            for byte in range(where.size):
+                value |= self._views[1][positions + (where.offset + byte)].astype(np.uint64) << np.uint64(8 * byte)
+        if where.bit_length is not None:
+            value = (value >> np.uint64(where.bit_position)) & np.uint64((1 << where.bit_length) - 1)
+        return value
+
+
+def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
+                   coverage: Coverage) -> Iterator[Chunk | Finding]:
+    """The chunks of every page of a block whose chain is complete; findings for pool pages that break."""
+    layout, page_size, unit = decoder.layout, decoder.page_size, decoder.layout.unit
+    headers = _Headers(data)
+    page_count = len(data) // page_size
+    page_offsets = np.arange(page_count, dtype=np.int64) * page_size
+    first_previous = headers.field(page_offsets, layout.previous_size)
+    first_blocks = headers.field(page_offsets, layout.block_size)
+    candidates = np.flatnonzero(~in_big & (first_previous == 0) & (first_blocks != 0))
+    coverage.pages_not_pool += page_count - len(candidates)
+    offsets = np.zeros(len(candidates), dtype=np.int64)
+    expected = np.zeros(len(candidates), dtype=np.uint64)
+    alive = np.ones(len(candidates), dtype=bool)
+    positions, owners = [], []
+    for _ in range(page_size // unit):
+        active = np.flatnonzero(alive & (offsets < page_size))
+        if not len(active):
+            break
+        where = page_offsets[candidates[active]] + offsets[active]
+        previous = headers.field(where, layout.previous_size)
+        blocks = headers.field(where, layout.block_size)
+        sizes = blocks.astype(np.int64) * unit
+        fits = (previous == expected[active]) & (blocks != 0) & (offsets[active] + sizes <= page_size)
+        alive[active[~fits]] = False
+        good = active[fits]
+        positions.append(where[fits])
+        owners.append(good)
+        expected[good] = blocks[fits]
+        offsets[good] += sizes[fits]
+    complete = alive & (offsets == page_size)
+    coverage.classic_pages += int(complete.sum())
+    coverage.pages_not_pool += int((~complete).sum())
+    yield from _broken_pages(data, base, candidates[~complete], decoder)
+    if positions:
+        where = np.concatenate(positions)
+        where = np.sort(where[complete[np.concatenate(owners)]])
+        yield from _classic_chunks(data, headers, where, base, pool, decoder)
+
+
+def _classic_chunks(data: bytes, headers: _Headers, where: np.ndarray, base: int, pool: str,
+                    decoder: _ClassicDecoder) -> Iterator[Chunk]:
+    layout, unit = decoder.layout, decoder.layout.unit
+    previous = (headers.field(where, layout.previous_size) * np.uint64(unit)).tolist()
+    sizes = (headers.field(where, layout.block_size) * np.uint64(unit)).tolist()
+    types = headers.field(where, layout.pool_type).tolist()
+    tag_at, tag_size = layout.pool_tag.offset, layout.pool_tag.size
+    names = decoder.pool_names
+    for offset, size, previous_size, pool_type in zip(where.tolist(), sizes, previous, types):
+        address = base + offset
+        tag = data[offset + tag_at : offset + tag_at + tag_size]
+        if not pool_type:
+            yield Chunk(address, size, previous_size, tag, State.FREE, Backing.PAGE, pool, 0)
+            continue
+        quota = None
+        if pool_type & classic.QUOTA_BIT:
+            raw = layout.process_billed.extract(data, offset)
+            quota = classic.decode_quota(raw, address, layout, decoder.cookie)
+        yield Chunk(address, size, previous_size, tag, State.ALLOCATED, Backing.PAGE,
+                    names.get(pool_type) or decoder.pool_name(pool_type),
+                    pool_type, body=address + unit, quota_process=quota)
+
+
+def _broken_pages(data: bytes, base: int, pages: np.ndarray, decoder: _ClassicDecoder) -> Iterator[Finding]:
+    """Pages whose first header looks like a pool header (printable tag) but whose chain breaks."""
+    tag_at, tag_size = decoder.layout.pool_tag.offset, decoder.layout.pool_tag.size
+    for page in pages.tolist():
+        start = page * decoder.page_size
+        if not _printable_tag(data[start + tag_at : start + tag_at + tag_size]):
+            continue
+        content = data[start : start + decoder.page_size]
+        walk = classic.parse_page(content, base + start, decoder.layout, decoder.cookie)
+        for finding in walk.findings:
+            yield Finding(finding.address, f"pool page {base + start:#x}: {finding.reason}")
+
+
+def _printable_tag(tag: bytes) -> bool:
+    """Printable ASCII, ignoring the bit Windows 7 sets in the last byte of protected tags (object types)."""
+    return bool(tag) and all(32 <= byte < 127 for byte in tag[:-1]) and 32 <= (tag[-1] & 0x7F) < 127

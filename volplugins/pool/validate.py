@@ -1,0 +1,96 @@
+"""Pool consistency checks over a whole-image scan, as ``!poolval`` does for one page.
+
+The walk itself reports what stops it: a classic page chain that breaks, a
+VS chunk header that does not decode, a big page table entry over walked
+chunks.  This module adds the checks a walk that keeps going cannot make on
+its way: pool headers whose BlockSize runs past their page (a small block
+never straddles a page on either allocator), unprintable tags on live
+chunks, and big page table entries that overlap each other.  Every problem
+is one ``Finding`` at the address a user should look at; problems met at
+the same address are merged into one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from . import bigpages, classic
+from .kernel import Kernel
+from .model import Backing, Chunk, Finding, State
+from .scan import PoolScan
+
+PAGE_SIZE = 0x1000
+PROTECTED_TAG_BIT = 0x80  # Windows 7 marks object tags by setting the top bit of the last byte
+LIVE_STATES = (State.ALLOCATED, State.CACHED_FREE)
+SMALL_BACKINGS = (Backing.PAGE, Backing.VS, Backing.LFH)
+
+
+def printable_tag(tag: bytes) -> bool:
+    """Tags are four printable characters; the protected bit of the last byte is not part of the tag."""
+    if len(tag) != 4:
+        return False
+    return all(32 <= byte < 127 for byte in tag[:3] + bytes([tag[3] & ~PROTECTED_TAG_BIT & 0xFF]))
+
+
+def has_pool_header(chunk: Chunk) -> bool:
+    """Small live chunks carry a ``_POOL_HEADER``; headerless blocks come back with no tag and no PoolType."""
+    return chunk.backing in SMALL_BACKINGS and chunk.state in LIVE_STATES and chunk.pool_type is not None
+
+
+def header_overruns(chunks: Iterable[Chunk], page_size: int = PAGE_SIZE) -> list[Finding]:
+    """Live chunks whose pool header claims a size that is zero or runs past the page holding the header."""
+    findings = []
+    for chunk in chunks:
+        if not has_pool_header(chunk):
+            continue
+        if chunk.size == 0:
+            findings.append(Finding(chunk.address, "pool header BlockSize is 0"))
+            continue
+        overrun = chunk.address % page_size + chunk.size - page_size
+        if overrun > 0:
+            findings.append(Finding(chunk.address, f"pool header size {chunk.size:#x} runs {overrun:#x} bytes"
+                                                   " past the end of its page"))
+    return findings
+
+
+def unprintable_tags(chunks: Iterable[Chunk]) -> list[Finding]:
+    """Live chunks (small or big) whose tag has bytes no driver would use: a sign of an overwritten header."""
+    return [
+        Finding(chunk.address, f"tag {chunk.tag.hex(' ')} of a live chunk has unprintable bytes")
+        for chunk in chunks
+        if chunk.state in LIVE_STATES and chunk.tag and not printable_tag(chunk.tag)
+    ]
+
+
+def big_entry_overlaps(allocations: Iterable[bigpages.BigAllocation]) -> list[Finding]:
+    """Live big page table entries whose ranges overlap: each overlap is reported at the later entry's VA."""
+    live = sorted((a for a in allocations if not a.free and a.size > 0), key=lambda a: (a.va, a.index))
+    findings = []
+    reach: bigpages.BigAllocation | None = None
+    for entry in live:
+        if reach is not None and entry.va < reach.end:
+            findings.append(Finding(entry.va, f"big page table entry {entry.index} ({entry.va:#x}-{entry.end:#x})"
+                                              f" overlaps entry {reach.index} ({reach.va:#x}-{reach.end:#x})"))
+        if reach is None or entry.end > reach.end:
+            reach = entry
+    return findings
+
+
+def merge(findings: Iterable[Finding]) -> list[Finding]:
+    """One finding per address (reasons joined), in address order."""
+    reasons: dict[int, list[str]] = {}
+    for finding in findings:
+        known = reasons.setdefault(finding.address, [])
+        if finding.reason not in known:
+            known.append(finding.reason)
+    return [Finding(address, "; ".join(reasons[address])) for address in sorted(reasons)]
+
+
+def validate(kernel: Kernel, scan: PoolScan) -> list[Finding]:
+    """Everything wrong the scan met or these checks find, one finding per address, in address order."""
+    return merge([
+        *scan.findings,
+        *header_overruns(scan.chunks, classic.layer_page_size(kernel)),
+        *unprintable_tags(scan.chunks),
+        *big_entry_overlaps(bigpages.big_allocations(kernel)),
+    ])

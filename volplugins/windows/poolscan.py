@@ -1,0 +1,420 @@
+"""windows.poolscan: every pool chunk of an image (WinDbg's ``!poolfind`` and ``!poolval`` over a whole image).
+
+One walk of every pool, several views chosen by option: the chunk listing
+(filtered, optionally dumped to files), the big page table, free space
+analysis, objects carved from free chunks, consistency findings, coverage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from volatility3.framework import interfaces, renderers
+from volatility3.framework.configuration import requirements
+from volatility3.framework.renderers import conversion, format_hints
+
+from volplugins.pool import bigpages, carve, freespace, regions, scan, validate
+from volplugins.pool.kernel import Kernel
+from volplugins.pool.model import Backing, Chunk, State, tag_text
+from volplugins.pool.poolmon import TagPattern, compile_pattern
+from volplugins.pool.tagdb import TagDatabase
+
+vollog = logging.getLogger(__name__)
+
+VIEWS = ("bigpages", "free-analysis", "carve", "validate", "coverage")
+PROTECTED_TAG_BIT = 0x80  # Windows 7 object tags: top bit of the last byte
+FREED = (State.FREE, State.CACHED_FREE)
+_FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
+
+_CHUNK_COLUMNS = [
+    ("Address", format_hints.Hex),
+    ("Size", format_hints.Hex),
+    ("Tag", str),
+    ("Pool", str),
+    ("PoolType", format_hints.Hex),
+    ("State", str),
+    ("Backing", str),
+    ("Region", str),
+    ("Description", str),
+    ("Binary", str),
+    ("File", str),
+]
+_BIG_COLUMNS = [
+    ("Index", int),
+    ("Address", format_hints.Hex),
+    ("End", format_hints.Hex),
+    ("Size", format_hints.Hex),
+    ("Tag", str),
+    ("PoolType", format_hints.Hex),
+    ("Status", str),
+    ("Region", str),
+    ("Description", str),
+]
+_FREE_COLUMNS = [
+    ("Region", str),
+    ("Backing", str),
+    ("FreeChunks", int),
+    ("FreeBytes", format_hints.Hex),
+    ("CachedFreeChunks", int),
+    ("CachedFreeBytes", format_hints.Hex),
+    ("LargestFreeRun", format_hints.Hex),
+    ("FreeRuns", int),
+    ("Fragmentation", float),
+    ("Address", format_hints.Hex),
+    ("Size", format_hints.Hex),
+    ("State", str),
+    ("Tag", str),
+    ("StaleTag", str),
+    ("StaleTagAt", format_hints.Hex),
+    ("Description", str),
+]
+_CARVE_COLUMNS = [
+    ("Chunk", format_hints.Hex),
+    ("ChunkSize", format_hints.Hex),
+    ("ChunkState", str),
+    ("Region", str),
+    ("Type", str),
+    ("ObjectHeader", format_hints.Hex),
+    ("Body", format_hints.Hex),
+    ("Name", str),
+    ("PID", int),
+    ("PPID", int),
+    ("TID", int),
+    ("CreateTime", datetime.datetime),
+    ("ExitTime", datetime.datetime),
+    ("Freed", bool),
+]
+_VALIDATE_COLUMNS = [("Address", format_hints.Hex), ("Region", str), ("Reason", str)]
+_COVERAGE_COLUMNS = [("Measure", str), ("Value", int)]
+
+
+@dataclass(frozen=True)
+class ChunkFilter:
+    """The listing filters; ``None`` fields do not filter."""
+
+    tags: tuple[TagPattern, ...] = ()
+    state: tuple[State, ...] | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    big_only: bool = False
+    region: str | None = None  # lower-case name or name prefix
+
+    def tag_matches(self, tag: bytes) -> bool:
+        if not self.tags:
+            return True
+        unprotected = tag[:3] + bytes([tag[3] & ~PROTECTED_TAG_BIT & 0xFF]) if len(tag) == 4 else tag
+        return any(pattern.matches(tag) or pattern.matches(unprotected) for pattern in self.tags)
+
+    def region_matches(self, region: str) -> bool:
+        return self.region is None or region.lower().startswith(self.region)
+
+    def size_matches(self, size: int) -> bool:
+        return (self.min_size is None or size >= self.min_size) and (self.max_size is None or size <= self.max_size)
+
+    def matches(self, chunk: Chunk, region: str, tag: bytes | None = None) -> bool:
+        """``tag`` replaces the chunk's own (free VS chunks are matched by their stale tag)."""
+        return (
+            (self.state is None or chunk.state in self.state)
+            and (not self.big_only or chunk.backing in (Backing.BIG, Backing.LARGE))
+            and self.size_matches(chunk.size)
+            and self.region_matches(region)
+            and self.tag_matches(chunk.tag if tag is None else tag)
+        )
+
+
+def dump_file_name(chunk: Chunk) -> str:
+    """``<address>.<tag>.pool``, tag bytes other than letters, digits, '-' and '_' written as %XX."""
+    tag = "".join(chr(byte) if _FILENAME_SAFE.fullmatch(bytes([byte])) else f"%{byte:02X}" for byte in chunk.tag)
+    return f"{chunk.address:#x}.{tag or 'notag'}.pool"
+
+
+def _hex_or_absent(value: int | None):
+    return renderers.NotAvailableValue() if value is None else format_hints.Hex(value)
+
+
+def _int_or_absent(value: int | None):
+    return renderers.NotApplicableValue() if value is None else value
+
+
+def _time_or_absent(value: int | None):
+    return renderers.NotApplicableValue() if not value else conversion.wintime_to_datetime(value)
+
+
+class PoolScan(interfaces.plugins.PluginInterface):
+    """Lists every pool chunk (filters: tag, state, size, big, region), or one of the other views: the big page
+    table, free space, objects carved from free chunks, consistency findings, walk coverage."""
+
+    _required_framework_version = (2, 0, 0)
+    _version = (1, 0, 0)
+
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        def flag(name: str, description: str) -> requirements.BooleanRequirement:
+            return requirements.BooleanRequirement(name=name, description=description, default=False, optional=True)
+
+        return [
+            requirements.ModuleRequirement(
+                name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
+            ),
+            requirements.ListRequirement(
+                name="tag",
+                element_type=str,
+                description="Only chunks whose tag matches one of these patterns ('*' any run, '?' any byte, "
+                            "case sensitive, \\xNN for other bytes, short tags space padded), e.g. Proc Nt* 'Irp '",
+                optional=True,
+            ),
+            flag("free", "Only free and cached-free chunks"),
+            flag("allocated", "Only allocated chunks"),
+            requirements.IntRequirement(name="min-size", description="Only chunks of at least this many bytes",
+                                        optional=True),
+            requirements.IntRequirement(name="max-size", description="Only chunks of at most this many bytes",
+                                        optional=True),
+            flag("big", "Only big and large allocations (no pool header, tracked in the big page table)"),
+            requirements.StringRequirement(
+                name="region",
+                description="Only chunks in this kernel region (case insensitive, a prefix is enough), "
+                            "e.g. 'Paged pool', nonpaged",
+                optional=True,
+            ),
+            flag("bigpages", "View: every in-use PoolBigPageTable entry, freed ones flagged"),
+            flag("free-analysis", "View: free space per region and backing (count, bytes, largest free run, "
+                                  "fragmentation = 1 - largest run / free bytes), then the free chunks with "
+                                  "their stale tags"),
+            flag("carve", "View: processes, threads and files rebuilt from the stale bytes of free chunks "
+                          "(--tag, --min-size, --max-size, --big and --region choose the chunks searched)"),
+            flag("validate", "View: consistency findings over the whole image, like !poolval (broken chains, "
+                             "undecodable or oversized headers, bad tags, overlapping big page table entries)"),
+            flag("coverage", "View: how much of the pools the walk covered (heaps, segments, pages walked and "
+                             "unreadable)"),
+            flag("dump", "Write each listed chunk's bytes to <address>.<tag>.pool in the output directory"),
+            requirements.ListRequirement(
+                name="pooltag-file",
+                element_type=str,
+                description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
+                optional=True,
+            ),
+        ]
+
+    # -- options -------------------------------------------------------------
+    def _view(self) -> str | None:
+        chosen = [name for name in VIEWS if self.config.get(name)]
+        if len(chosen) > 1:
+            vollog.error("choose one view at a time; got %s", ", ".join(f"--{name}" for name in chosen))
+            return None
+        if chosen and self.config.get("dump"):
+            vollog.warning("--dump writes the chunks of the chunk listing; it is ignored with --%s", chosen[0])
+        return chosen[0] if chosen else ""
+
+    def _filter(self) -> ChunkFilter | None:
+        """The listing filters from the options, or None (after an error message) when they contradict."""
+        if self.config.get("free") and self.config.get("allocated"):
+            vollog.error("--free and --allocated exclude each other; give at most one")
+            return None
+        low, high = self.config.get("min-size"), self.config.get("max-size")
+        if low is not None and high is not None and low > high:
+            vollog.error("--min-size %#x is larger than --max-size %#x: nothing can match", low, high)
+            return None
+        texts = [part for text in self.config.get("tag") or [] for part in text.split(",") if part]
+        for text in texts:
+            if "*" not in text and len(text) > 4 and "\\x" not in text:
+                vollog.warning("tag pattern %r is longer than a 4-byte tag and matches nothing", text)
+        state = FREED if self.config.get("free") else (State.ALLOCATED,) if self.config.get("allocated") else None
+        region = self.config.get("region")
+        return ChunkFilter(
+            tags=tuple(compile_pattern(text) for text in texts),
+            state=state,
+            min_size=low,
+            max_size=high,
+            big_only=bool(self.config.get("big")),
+            region=region.strip().lower() if region else None,
+        )
+
+    # -- shared pieces ---------------------------------------------------------
+    def _kernel(self) -> Kernel:
+        return Kernel.from_module(self.context, self.config["kernel"])
+
+    def _tags(self) -> TagDatabase:
+        tags = TagDatabase.load(self.config.get("pooltag-file") or [])
+        for warning in tags.warnings:
+            vollog.warning("tag file %s line %s: %s", *warning)
+        return tags
+
+    def _scan(self, kernel: Kernel) -> scan.PoolScan:
+        result = scan.scan_pools(kernel, progress=self._progress_callback)
+        coverage = result.coverage
+        if coverage.pages_unreadable:
+            vollog.info("%d pages of busy pool ranges are not in the image (decommitted or paged out; see "
+                        "--coverage): chunk headers on them could not be read", coverage.pages_unreadable)
+        if result.findings:
+            vollog.warning("the walk met %d problem(s); --validate lists them", len(result.findings))
+        return result
+
+    def _check_region(self, wanted: ChunkFilter, names: Iterable[str]) -> None:
+        known = sorted(set(names))
+        if wanted.region is not None and not any(wanted.region_matches(name) for name in known):
+            vollog.warning("no region matches --region %r; regions holding pool: %s",
+                           self.config.get("region"), ", ".join(known) or "none")
+
+    # -- views -----------------------------------------------------------------
+    def _chunk_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
+        tags = self._tags()
+        result = self._scan(kernel)
+        regions_of = _region_names(kernel, result.chunks)
+        self._check_region(wanted, regions_of.values())
+        dump = bool(self.config.get("dump"))
+        for chunk in result.chunks:
+            region = regions_of[chunk.address]
+            if not wanted.matches(chunk, region):
+                continue
+            description, binary = tags.describe(chunk.tag)
+            written = self._dump(kernel, chunk) if dump else ""
+            yield 0, (
+                format_hints.Hex(chunk.address),
+                format_hints.Hex(chunk.size),
+                tag_text(chunk.tag),
+                chunk.pool or renderers.NotAvailableValue(),
+                _hex_or_absent(chunk.pool_type),
+                chunk.state.value,
+                chunk.backing.value,
+                region,
+                description,
+                binary,
+                written,
+            )
+
+    def _dump(self, kernel: Kernel, chunk: Chunk) -> str:
+        data = kernel.read(chunk.address, chunk.size, pad=True)
+        try:
+            with self.open(dump_file_name(chunk)) as handle:
+                handle.write(data)
+                return handle.preferred_filename
+        except OSError as error:
+            vollog.warning("cannot write the chunk at %#x: %s", chunk.address, error)
+            return ""
+
+    def _bigpage_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
+        tags = self._tags()
+        table = bigpages.read_big_page_table(kernel)
+        for finding in table.findings:
+            vollog.warning("big page table at %#x: %s", finding.address, finding.reason)
+        for entry in table.allocations:
+            region = regions.classify(kernel, entry.va).name
+            state = State.FREE if entry.free else State.ALLOCATED
+            as_chunk = Chunk(entry.va, entry.size, 0, entry.tag, state, Backing.BIG)
+            if not dataclasses.replace(wanted, big_only=False).matches(as_chunk, region):
+                continue
+            yield 0, (
+                entry.index,
+                format_hints.Hex(entry.va),
+                format_hints.Hex(entry.end),
+                format_hints.Hex(entry.size),
+                tag_text(entry.tag),
+                _hex_or_absent(entry.pool_type),
+                "Free" if entry.free else "Allocated",
+                region,
+                tags.describe(entry.tag)[0],
+            )
+
+    def _free_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
+        tags = self._tags()
+        result = self._scan(kernel)
+        regions_of = _region_names(kernel, result.chunks)
+        self._check_region(wanted, regions_of.values())
+        pairs = [(chunk, regions_of[chunk.address]) for chunk in result.chunks
+                 if chunk.state in FREED and wanted.region_matches(regions_of[chunk.address])]
+        absent = renderers.NotApplicableValue()
+        for summary in freespace.summarize(pairs):
+            yield 0, (
+                summary.region, summary.backing, summary.free_chunks, format_hints.Hex(summary.free_bytes),
+                summary.cached_free_chunks, format_hints.Hex(summary.cached_free_bytes),
+                format_hints.Hex(summary.largest_free_run), summary.free_runs, round(summary.fragmentation, 4),
+                absent, absent, "", "", "", absent, "",
+            )
+            for chunk, region in pairs:
+                if region != summary.region or chunk.backing.value != summary.backing:
+                    continue
+                stale = freespace.stale_tag(kernel, chunk)
+                if not wanted.matches(chunk, region, stale.tag):
+                    continue
+                yield 1, (
+                    region, summary.backing, absent, absent, absent, absent, absent, absent, absent,
+                    format_hints.Hex(chunk.address), format_hints.Hex(chunk.size), chunk.state.value,
+                    tag_text(chunk.tag), tag_text(stale.tag), _hex_or_absent(stale.header),
+                    tags.describe(stale.tag)[0] if stale.tag else "",
+                )
+
+    def _carve_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
+        result = self._scan(kernel)
+        regions_of = _region_names(kernel, result.chunks)
+        self._check_region(wanted, regions_of.values())
+        searched = dataclasses.replace(wanted, state=None)
+        chosen = [chunk for chunk in result.chunks if searched.matches(chunk, regions_of[chunk.address])]
+        for found in carve.carve(kernel, chosen, progress=self._progress_callback):
+            yield 0, (
+                format_hints.Hex(found.chunk.address),
+                format_hints.Hex(found.chunk.size),
+                found.chunk.state.value,
+                regions_of[found.chunk.address],
+                found.type_name,
+                format_hints.Hex(found.header),
+                format_hints.Hex(found.body),
+                found.name,
+                _int_or_absent(found.pid),
+                _int_or_absent(found.ppid),
+                _int_or_absent(found.tid),
+                _time_or_absent(found.create_time),
+                _time_or_absent(found.exit_time),
+                True,
+            )
+
+    def _validate_rows(self, kernel: Kernel) -> Iterator[tuple[int, tuple]]:
+        findings = validate.validate(kernel, self._scan(kernel))
+        vollog.info("%d problem(s) found", len(findings))
+        for finding in findings:
+            yield 0, (format_hints.Hex(finding.address), regions.classify(kernel, finding.address).name,
+                      finding.reason)
+
+    def _coverage_rows(self, kernel: Kernel) -> Iterator[tuple[int, tuple]]:
+        result = self._scan(kernel)
+        yield 0, ("chunks", len(result.chunks))
+        yield 0, ("findings", len(result.findings))
+        for item in dataclasses.fields(result.coverage):
+            value = getattr(result.coverage, item.name)
+            if isinstance(value, float):
+                yield 0, (f"{item.name}_ms", round(value * 1000))
+            else:
+                yield 0, (item.name, int(value))
+
+    def run(self) -> renderers.TreeGrid:
+        view = self._view()
+        wanted = self._filter() if view is not None else None
+        if view is None or wanted is None:
+            return renderers.TreeGrid(_CHUNK_COLUMNS, iter(()))
+        kernel = self._kernel()
+        views: dict[str, tuple[list, Callable[[], Iterator[tuple[int, tuple]]]]] = {
+            "": (_CHUNK_COLUMNS, lambda: self._chunk_rows(kernel, wanted)),
+            "bigpages": (_BIG_COLUMNS, lambda: self._bigpage_rows(kernel, wanted)),
+            "free-analysis": (_FREE_COLUMNS, lambda: self._free_rows(kernel, wanted)),
+            "carve": (_CARVE_COLUMNS, lambda: self._carve_rows(kernel, wanted)),
+            "validate": (_VALIDATE_COLUMNS, lambda: self._validate_rows(kernel)),
+            "coverage": (_COVERAGE_COLUMNS, lambda: self._coverage_rows(kernel)),
+        }
+        columns, rows = views[view]
+        return renderers.TreeGrid(columns, rows())
+
+
+def _region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
+    """Region name per chunk address (one lookup per page: chunks of a page share their region)."""
+    by_page: dict[int, str] = {}
+    names = {}
+    for chunk in chunks:
+        page = chunk.address & ~0xFFF
+        if page not in by_page:
+            by_page[page] = regions.classify(kernel, chunk.address).name
+        names[chunk.address] = by_page[page]
+    return names

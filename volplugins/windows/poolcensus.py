@@ -1,4 +1,4 @@
-"""windows.poolscan: every pool chunk of an image (WinDbg's ``!poolfind`` and ``!poolval`` over a whole image).
+"""windows.poolcensus: every pool chunk of an image (WinDbg's ``!poolfind`` and ``!poolval`` over a whole image).
 
 One walk of every pool, several views chosen by option: the chunk listing
 (filtered, optionally dumped to files), the big page table, free space
@@ -145,7 +145,7 @@ def _time_or_absent(value: int | None):
     return renderers.NotApplicableValue() if not value else conversion.wintime_to_datetime(value)
 
 
-class PoolScan(interfaces.plugins.PluginInterface):
+class PoolCensus(interfaces.plugins.PluginInterface):
     """Lists every pool chunk (filters: tag, state, size, big, region), or one of the other views: the big page
     table, free space, objects carved from free chunks, consistency findings, walk coverage."""
 

@@ -1,4 +1,4 @@
-"""windows.poolscan lists exactly the manifest's chunks, carves freed processes, and validates corruption precisely."""
+"""windows.poolcensus lists exactly the manifest's chunks, carves freed processes, and validates corruption precisely."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from volplugins.pool.bigpages import BigAllocation
 from volplugins.pool.model import Backing, Chunk, State
 from volrun import VolSession, cli_json
 
-PLUGIN = "windows.poolscan.PoolScan"
+PLUGIN = "windows.poolcensus.PoolCensus"
 CORRUPTIONS = {
     "win10-19041": ("overflow", "bad-size", "bad-vs-header", "bad-tag"),
     "win7-sp1": ("overflow", "bad-size", "bad-tag"),

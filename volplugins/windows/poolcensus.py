@@ -18,7 +18,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import conversion, format_hints
 
-from volplugins.pool import bigpages, carve, freespace, regions, scan, validate
+from volplugins.pool import bigpages, carve, freespace, plugin_options, regions, scan, validate
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Backing, Chunk, State, tag_text
 from volplugins.pool.poolmon import TagPattern, compile_pattern
@@ -158,16 +158,8 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             return requirements.BooleanRequirement(name=name, description=description, default=False, optional=True)
 
         return [
-            requirements.ModuleRequirement(
-                name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
-            ),
-            requirements.ListRequirement(
-                name="tag",
-                element_type=str,
-                description="Only chunks whose tag matches one of these patterns ('*' any run, '?' any byte, "
-                            "case sensitive, \\xNN for other bytes, short tags space padded), e.g. Proc Nt* 'Irp '",
-                optional=True,
-            ),
+            plugin_options.kernel(),
+            plugin_options.tag_patterns("Only chunks whose tag matches one of these patterns, e.g. Proc Nt* 'Irp '"),
             flag("free", "Only free and cached-free chunks"),
             flag("allocated", "Only allocated chunks"),
             requirements.IntRequirement(name="min-size", description="Only chunks of at least this many bytes",
@@ -192,12 +184,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             flag("coverage", "View: how much of the pools the walk covered (heaps, segments, pages walked and "
                              "unreadable)"),
             flag("dump", "Write each listed chunk's bytes to <address>.<tag>.pool in the output directory"),
-            requirements.ListRequirement(
-                name="pooltag-file",
-                element_type=str,
-                description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
-                optional=True,
-            ),
+            plugin_options.pooltag_files(),
         ]
 
     # -- options -------------------------------------------------------------

@@ -10,6 +10,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
+from volplugins.pool import plugin_options
 from volplugins.pool.driverscan import DriverScanResult, TagUse, scan_drivers
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import tag_text
@@ -31,16 +32,8 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
-            requirements.ModuleRequirement(
-                name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
-            ),
-            requirements.ListRequirement(
-                name="tag",
-                element_type=str,
-                description="Only tags matching one of these patterns: which drivers use them ('*' any run, "
-                            "'?' any byte, case sensitive, \\xNN for other bytes)",
-                optional=True,
-            ),
+            plugin_options.kernel(),
+            plugin_options.tag_patterns("Only tags matching one of these patterns: which drivers use them"),
             requirements.BooleanRequirement(
                 name="include-kernel",
                 description="Also scan the kernel's own code (slower; it calls the pool routines directly)",
@@ -53,12 +46,7 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
                 default=False,
                 optional=True,
             ),
-            requirements.ListRequirement(
-                name="pooltag-file",
-                element_type=str,
-                description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
-                optional=True,
-            ),
+            plugin_options.pooltag_files(),
         ]
 
     def _generator(self) -> Iterator[tuple[int, tuple]]:

@@ -9,7 +9,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import addresses, owner
+from volplugins.pool import addresses, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import tag_text
@@ -28,9 +28,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
-            requirements.ModuleRequirement(
-                name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
-            ),
+            plugin_options.kernel(),
             requirements.ListRequirement(
                 name="address",
                 element_type=str,
@@ -48,12 +46,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 default=False,
                 optional=True,
             ),
-            requirements.ListRequirement(
-                name="pooltag-file",
-                element_type=str,
-                description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
-                optional=True,
-            ),
+            plugin_options.pooltag_files(),
             requirements.ChoiceRequirement(
                 name="driver-scan",
                 choices=[mode.value for mode in DriverScan],

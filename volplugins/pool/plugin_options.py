@@ -1,0 +1,29 @@
+"""Requirements every plugin of the suite shares, so options read and behave the same everywhere."""
+
+from __future__ import annotations
+
+from volatility3.framework.configuration import requirements
+
+TAG_PATTERN_HELP = "'*' any run, '?' any byte, case sensitive, \\xNN for other bytes, short tags space padded"
+
+
+def kernel() -> requirements.ModuleRequirement:
+    return requirements.ModuleRequirement(
+        name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
+    )
+
+
+def pooltag_files() -> requirements.ListRequirement:
+    return requirements.ListRequirement(
+        name="pooltag-file",
+        element_type=str,
+        description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
+        optional=True,
+    )
+
+
+def tag_patterns(what: str, name: str = "tag") -> requirements.ListRequirement:
+    """A list of tag patterns; ``what`` says what they select, e.g. "Only chunks whose tag matches one of these"."""
+    return requirements.ListRequirement(
+        name=name, element_type=str, description=f"{what} ({TAG_PATTERN_HELP})", optional=True
+    )

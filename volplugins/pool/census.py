@@ -22,22 +22,26 @@ class CensusRow:
     cached_free_bytes: int = 0
 
 
-_COLUMNS = {
-    State.ALLOCATED: ("allocated", "allocated_bytes"),
-    State.FREE: ("free", "free_bytes"),
-    State.CACHED_FREE: ("cached_free", "cached_free_bytes"),
-}
+_COLUMNS = (State.ALLOCATED, State.FREE, State.CACHED_FREE)  # in CensusRow's column order
 
 
 def census(chunks: Iterable[Chunk]) -> list[CensusRow]:
     """One row per (tag, pool), sorted by tag then pool; unreadable chunks have no tag to count under."""
-    tally: dict[tuple[bytes, str], dict[str, int]] = {}
+    counts: dict[tuple[bytes, str, State], list[int]] = {}
     for chunk in chunks:
-        columns = _COLUMNS.get(chunk.state)
-        if columns is None:
+        key = (chunk.tag, chunk.pool, chunk.state)
+        tally = counts.get(key)
+        if tally is None:
+            counts[key] = [1, chunk.size]
+        else:
+            tally[0] += 1
+            tally[1] += chunk.size
+    rows: dict[tuple[bytes, str], list[int]] = {}
+    for (tag, pool, state), (count, size) in counts.items():
+        if state not in _COLUMNS:
             continue
-        counts = tally.setdefault((chunk.tag, chunk.pool), {})
-        count, size = columns
-        counts[count] = counts.get(count, 0) + 1
-        counts[size] = counts.get(size, 0) + chunk.size
-    return [CensusRow(tag, pool, **counts) for (tag, pool), counts in sorted(tally.items())]
+        column = 2 * _COLUMNS.index(state)
+        values = rows.setdefault((tag, pool), [0] * (2 * len(_COLUMNS)))
+        values[column] += count
+        values[column + 1] += size
+    return [CensusRow(tag, pool, *values) for (tag, pool), values in sorted(rows.items())]

@@ -7,7 +7,7 @@ this wrapper keeps the Volatility 3 calls for that in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 from volatility3.framework import exceptions, interfaces, objects
@@ -95,11 +95,11 @@ class Kernel:
         return self.module.has_type(name)
 
     def type_size(self, name: str) -> int:
-        return self.module.get_type(name).size
+        return _type_size(self, name)
 
     def field_offset(self, type_name: str, field: str) -> int:
         """Offset of a (dotted) field inside ``type_name``."""
-        return self._field(type_name, field)[0]
+        return _field_layout(self, type_name, field).offset
 
     def field_layout(self, type_name: str, field: str) -> FieldLayout:
         """Offset, size and bit range of a (dotted) field inside ``type_name``.
@@ -107,6 +107,13 @@ class Kernel:
         Builds differ in how they declare the same bytes (one bitfield ULONG on
         Windows 7, USHORT bitfields later), so callers decode through this.
         """
+        return _field_layout(self, type_name, field)
+
+    def array_count(self, type_name: str, field: str) -> int:
+        """Element count of an array field (a top-level member of ``type_name``)."""
+        return _array_count(self, type_name, field)
+
+    def _template_layout(self, type_name: str, field: str) -> FieldLayout:
         offset, template = self._field(type_name, field)
         template = self._resolved(template)
         if issubclass(template.vol.object_class, objects.BitField):
@@ -156,7 +163,7 @@ class Kernel:
 
     def read_pointer(self, address: int) -> int:
         """A pointer-sized kernel variable (size from the ISF)."""
-        return int.from_bytes(self.read(address, self.module.get_type("pointer").size), "little")
+        return int.from_bytes(self.read(address, self.type_size("pointer")), "little")
 
     def read_table(self, address: int, size: int) -> tuple[bytes, int]:
         """``size`` bytes in one layer read, and how many of them could not be read.
@@ -180,3 +187,19 @@ class Kernel:
         # 1809 already has ExPoolState but still allocates from classic pages;
         # the heap-backed free routine only exists once pool sits on the segment heap.
         return self.has_symbol("ExPoolState") and self.has_symbol("ExFreeHeapPool")
+
+
+@lru_cache(maxsize=4096)
+def _type_size(kernel: Kernel, name: str) -> int:
+    return kernel.module.get_type(name).size
+
+
+@lru_cache(maxsize=4096)
+def _field_layout(kernel: Kernel, type_name: str, field: str) -> FieldLayout:
+    """Field layouts are asked for thousands of times per walk: decided once per kernel."""
+    return kernel._template_layout(type_name, field)
+
+
+@lru_cache(maxsize=256)
+def _array_count(kernel: Kernel, type_name: str, field: str) -> int:
+    return kernel.module.get_type(type_name).vol.members[field][1].vol.count

@@ -39,6 +39,7 @@ Progress = Callable[[float, str], None]
 
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
 _SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)
+_WALK_STOPS = (*_SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
 _NX_DEFAULT = 0x200  # NonPagedPoolNx in wdm.h, for ISFs without the _POOL_TYPE enum
 _REGION_POOLS = {"Paged pool": "Paged", "Session pool": "Session"}
 _SKIPPED_REGIONS = ("Special pool",)  # one allocation per page at the page's end: no chunk chain to walk
@@ -73,12 +74,12 @@ class PoolScan:
 def scan_pools(kernel: Kernel, progress: Progress | None = None) -> PoolScan:
     """Every chunk of every pool, sorted by address, with the problems met and the coverage reached."""
     result = PoolScan()
-    for item in iter_chunks(kernel, progress, result.coverage):
-        if isinstance(item, Finding):
-            result.findings.append(item)
-        else:
-            result.chunks.append(item)
-    result.chunks.sort(key=lambda chunk: chunk.address)
+    for batch in _batches(kernel, progress, result.coverage):
+        walked = [item for item in batch if item.__class__ is Chunk]
+        result.chunks.extend(walked)
+        if len(walked) != len(batch):
+            result.findings.extend(item for item in batch if item.__class__ is not Chunk)
+    result.chunks.sort(key=_address)
     return result
 
 
@@ -87,27 +88,37 @@ def iter_chunks(kernel: Kernel, progress: Progress | None = None,
     """The streaming form of :func:`scan_pools`: chunks in walk order (heap by heap, or region by region,
     then the big page table), findings as they are met.  ``progress(percent, message)`` is called along
     the way with 0..100, as Volatility's progress callbacks take it; ``coverage`` is filled in when given."""
-    coverage = coverage if coverage is not None else Coverage()
+    for batch in _batches(kernel, progress, coverage if coverage is not None else Coverage()):
+        yield from batch
+
+
+def _address(chunk: Chunk) -> int:
+    return chunk.address
+
+
+def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> Iterator[list[Chunk | Finding]]:
+    """What :func:`iter_chunks` yields, a segment or a block of pages at a time: a whole-pool walk makes a
+    hundred thousand chunks, and a generator step for each one costs more than decoding it."""
     report = progress or (lambda percent, message: None)
     started = time.perf_counter()
     table = bigpages.read_big_page_table(kernel)
-    yield from table.findings
+    yield list(table.findings)
     coverage.big_entries = len(table.allocations)
     starts: list[int] = []
     sizes: list[int] = []
     try:
         walk = _segment_heap if kernel.uses_segment_heap else _classic_pool
-        for item in walk(kernel, table, coverage, report):
-            if isinstance(item, Chunk):
-                starts.append(item.address)
-                sizes.append(item.size)
-            yield item
+        for batch in walk(kernel, table, coverage, report):
+            walked = [item for item in batch if item.__class__ is Chunk]
+            starts.extend([chunk.address for chunk in walked])
+            sizes.extend([chunk.size for chunk in walked])
+            yield batch
     except _SYMBOLS_MISSING as error:
-        yield Finding(0, f"pool scan: kernel symbols lack {error}")
+        yield [Finding(0, f"pool scan: kernel symbols lack {error}")]
     except exceptions.InvalidAddressException as error:
-        yield Finding(error.invalid_address, f"pool scan stopped: {error}")
+        yield [Finding(error.invalid_address, f"pool scan stopped: {error}")]
     report(95.0, "Big page table")
-    yield from _big_table_chunks(kernel, table, _Extents(starts, sizes))
+    yield list(_big_table_chunks(kernel, table, _Extents(starts, sizes)))
     coverage.seconds = time.perf_counter() - started
     report(100.0, "Pool scan complete")
 
@@ -196,43 +207,51 @@ def _big_table_chunks(kernel: Kernel, table: bigpages.BigPageTable, extents: _Ex
 
 
 def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage,
-                  report: Progress) -> Iterator[Chunk | Finding]:
+                  report: Progress) -> Iterator[list[Chunk | Finding]]:
     keys = segheap.heap_keys(kernel)
     if isinstance(keys, Finding):
-        yield keys
+        yield [keys]
         return
     cached = segheap.cached_free_addresses(kernel)
     live_big = {a.va: a for a in table.allocations if not a.free}
     heaps = segheap.pool_heaps(kernel)
     for number, heap in enumerate(heaps):
         if isinstance(heap, Finding):
-            yield heap
+            yield [heap]
             continue
         coverage.heaps += 1
         found = list(segheap.segments(kernel, heap, keys.heap_key))
         for position, segment in enumerate(found):
             if isinstance(segment, Finding):
-                yield segment
+                yield [segment]
                 continue
             coverage.segments += 1
             done = 95.0 * (number + position / len(found)) / len(heaps)
             report(done, f"{heap.pool} heap {heap.address:#x}: segment {segment.address:#x}")
-            yield from _segment_chunks(kernel, segment, keys, cached, live_big, coverage)
+            batch: list[Chunk | Finding] = []
+            try:
+                _segment_chunks(kernel, segment, keys, cached, live_big, coverage, batch)
+            except _WALK_STOPS:
+                yield batch
+                raise
+            yield batch
 
 
 def _segment_chunks(kernel: Kernel, segment: segheap.Segment, keys: segheap.HeapKeys, cached: frozenset[int],
-                    live_big: dict[int, bigpages.BigAllocation], coverage: Coverage) -> Iterator[Chunk | Finding]:
+                    live_big: dict[int, bigpages.BigAllocation], coverage: Coverage,
+                    out: list[Chunk | Finding]) -> None:
+    """Append the segment's chunks and findings to ``out``, in address order."""
     for page_range in segheap.page_ranges(kernel, segment):
         if isinstance(page_range, Finding):
-            yield page_range
+            out.append(page_range)
             continue
         _count_range(page_range.kind, coverage)
-        pages = _read_pages(kernel, page_range.address, page_range.size, coverage)
-        for item in segheap.range_chunks(kernel, page_range, keys, cached, pages):
-            if isinstance(item, Chunk) and _headerless(item):
-                yield from _named_by_big_table(kernel, item, live_big)
+        data, pages = _read_range(kernel, page_range.address, page_range.size, coverage)
+        for item in segheap.range_chunks(kernel, page_range, keys, cached, pages, data):
+            if item.__class__ is Chunk and not item.tag and _headerless(item):
+                out.extend(_named_by_big_table(kernel, item, live_big))
             else:
-                yield item
+                out.append(item)
 
 
 def _count_range(kind: segheap.RangeKind, coverage: Coverage) -> None:
@@ -263,11 +282,17 @@ def _named_by_big_table(kernel: Kernel, chunk: Chunk,
     yield replace(named, pool=chunk.pool, state=chunk.state)
 
 
-def _read_pages(kernel: Kernel, start: int, size: int, coverage: Coverage) -> dict[int, bytes | None]:
-    """The pages of [start, start + size) through the layer's mapping, one read per mapped run (None: unmapped)."""
+def _read_range(kernel: Kernel, start: int, size: int,
+                coverage: Coverage) -> tuple[bytes | None, dict[int, bytes | None]]:
+    """The bytes of [start, start + size) when they read as one piece, else its pages (None: unmapped), each
+    mapped run read once through the layer's mapping."""
     page = segheap.PAGE_SIZE
+    runs = list(_mapped_runs(kernel, start, size, coverage, limit=max(size, BLOCK_BYTES)))
+    if len(runs) == 1 and runs[0][0] == start and runs[0][1] == size and runs[0][2] is not None:
+        coverage.pages_walked += size // page
+        return runs[0][2], {}
     pages: dict[int, bytes | None] = dict.fromkeys(range(start, start + size, page))
-    for offset, _, data in _mapped_runs(kernel, start, size, coverage):
+    for offset, _, data in runs:
         if data is None:
             continue
         for at in range(0, len(data), page):
@@ -275,7 +300,7 @@ def _read_pages(kernel: Kernel, start: int, size: int, coverage: Coverage) -> di
     unreadable = sum(1 for value in pages.values() if value is None)
     coverage.pages_walked += len(pages) - unreadable
     coverage.pages_unreadable += unreadable
-    return pages
+    return None, pages
 
 
 def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
@@ -283,11 +308,11 @@ def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
     """(address, length, bytes) of the mapped parts of a VA range: virtually contiguous runs of at most ``limit``
     bytes, or None for a mapped piece whose backing cannot be read.
 
-    The layer's ``mapping`` translates (skipping whole missing tables); the bytes come from the layer it maps
-    to, one read per physically contiguous piece.
+    Translation comes from :func:`_mapping`; the bytes from the layer it maps to, one read per physically
+    contiguous piece.
     """
     run_start, parts, run_length = 0, [], 0
-    for offset, length, mapped, _, layer_name in kernel.layer.mapping(start, size, ignore_errors=True):
+    for offset, length, mapped, _, layer_name in _mapping(kernel, start, size):
         while length > 0:
             if not parts or run_start + run_length != offset or run_length >= limit:
                 if parts:
@@ -307,6 +332,11 @@ def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
             offset, mapped, length = offset + take, mapped + take, length - take
     if parts:
         yield run_start, run_length, b"".join(parts)
+
+
+def _mapping(kernel: Kernel, start: int, size: int) -> Iterator[tuple[int, int, int, int, str]]:
+    """Translation is Volatility 3's: its layer skips whole missing page-table levels, so sparse regions are cheap."""
+    yield from kernel.layer.mapping(start, size, ignore_errors=True)
 
 
 def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> bytes | None:
@@ -368,7 +398,7 @@ class _ClassicDecoder:
 
 
 def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage,
-                  report: Progress) -> Iterator[Chunk | Finding]:
+                  report: Progress) -> Iterator[list[Chunk | Finding]]:
     decoder = _ClassicDecoder.of(kernel)
     live = sorted((a.va, a.end) for a in table.allocations if not a.free and a.size > 0)
     big_starts = np.array([start for start, _ in live], dtype=np.uint64)
@@ -386,7 +416,13 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
             coverage.pages_walked += pages
             page_addresses = offset + np.arange(pages, dtype=np.uint64) * np.uint64(decoder.page_size)
             in_big = _inside(page_addresses, big_starts, big_reach)
-            yield from _classic_block(data, offset, span.pool, decoder, in_big, coverage)
+            batch: list[Chunk | Finding] = []
+            try:
+                batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, coverage))
+            except _WALK_STOPS:
+                yield batch
+                raise
+            yield batch
         done += span.end - span.start
 
 
@@ -467,20 +503,20 @@ def _classic_chunks(data: bytes, headers: _Headers, where: np.ndarray, base: int
     sizes = (headers.field(where, layout.block_size) * np.uint64(unit)).tolist()
     types = headers.field(where, layout.pool_type).tolist()
     tag_at, tag_size = layout.pool_tag.offset, layout.pool_tag.size
-    names = decoder.pool_names
+    names, new_chunk, quota_bit = decoder.pool_names, segheap.new_chunk, classic.QUOTA_BIT
+    free, allocated, page = State.FREE, State.ALLOCATED, Backing.PAGE
     for offset, size, previous_size, pool_type in zip(where.tolist(), sizes, previous, types):
         address = base + offset
         tag = data[offset + tag_at : offset + tag_at + tag_size]
         if not pool_type:
-            yield Chunk(address, size, previous_size, tag, State.FREE, Backing.PAGE, pool, 0)
+            yield new_chunk(address, size, previous_size, tag, free, page, pool, 0)
             continue
         quota = None
-        if pool_type & classic.QUOTA_BIT:
+        if pool_type & quota_bit:
             raw = layout.process_billed.extract(data, offset)
             quota = classic.decode_quota(raw, address, layout, decoder.cookie)
-        yield Chunk(address, size, previous_size, tag, State.ALLOCATED, Backing.PAGE,
-                    names.get(pool_type) or decoder.pool_name(pool_type),
-                    pool_type, body=address + unit, quota_process=quota)
+        yield new_chunk(address, size, previous_size, tag, allocated, page,
+                        names.get(pool_type) or decoder.pool_name(pool_type), pool_type, address + unit, quota)
 
 
 def _broken_pages(data: bytes, base: int, pages: np.ndarray, decoder: _ClassicDecoder) -> Iterator[Finding]:

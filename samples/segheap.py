@@ -184,7 +184,7 @@ class Heap:
 
 @dataclass
 class SeedPage:
-    """The chunks of the seed page that the lead fills (``proc.body`` receives the process object)."""
+    """The chunks of the seed page; the build writes the process object at ``proc.body``."""
 
     mmci: Allocation
     free_after_mmci: Allocation

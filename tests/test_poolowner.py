@@ -57,6 +57,7 @@ def test_seed_page_through_the_command_line(samples):
     assert proc["Chunk"] == 0xFFFFDC0155E942C0 and proc["Size"] == 0xD00 and proc["Tag"] == "Proc"
     assert (proc["Description"], proc["Binary"]) == ("Process objects", "nt!ps")
     assert proc["Object"] == "Process MsMpEng.exe pid 3476"
+    assert proc["Note"] == "Pooltag Proc : Process objects, Binary : nt!ps"
 
 
 def test_every_sampled_allocation_is_named_exactly(sample):

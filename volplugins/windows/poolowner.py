@@ -99,7 +99,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 identity,
                 description,
                 binary,
-                answer.quota_note(chunk) if is_owner else "",
+                _owner_note(answer, chunk, description, binary) if is_owner else "",
             )
             if is_owner and self.config.get("contents"):
                 yield from _content_rows(kernel, answer)
@@ -126,6 +126,14 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             ],
             self._generator(),
         )
+
+
+def _owner_note(answer: owner.OwnerAnswer, chunk, description: str, binary: str) -> str:
+    """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota."""
+    parts = [f"Pooltag {tag_text(chunk.tag)} : {description or 'unknown'}, Binary : {binary or 'unknown'}"]
+    if answer.quota_note(chunk):
+        parts.append(answer.quota_note(chunk))
+    return "; ".join(parts)
 
 
 def _note_row(address: int, region: str, note: str) -> tuple:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
-from volatility3.framework import exceptions, interfaces, objects
+from volatility3.framework import constants, exceptions, interfaces, objects
 from volatility3.framework.objects import templates
 
 
@@ -120,12 +120,29 @@ class Kernel:
             start, end = template.vol.start_bit, template.vol.end_bit
             return FieldLayout(offset, template.vol.base_type.size, start, end - start)
         data_format = template.vol.get("data_format")
-        return FieldLayout(offset, template.size, signed=bool(data_format and data_format.signed))
+        return FieldLayout(offset, self._size_of(template), signed=bool(data_format and data_format.signed))
+
+    def _size_of(self, template) -> int:
+        """A member's size; arrays of structures hold references to look up first."""
+        if isinstance(template, templates.ReferenceTemplate):
+            return self._type(template.vol.type_name).size
+        if issubclass(template.vol.object_class, objects.Array):
+            return template.vol.count * self._size_of(template.vol.subtype)
+        return template.size
+
+    def _type(self, name: str):
+        """A type's template from the kernel's own symbol table.
+
+        The symbol space would first resolve every type the template refers to (for the
+        system information structures, half the kernel: most of a second); members that are
+        themselves structures stay references here and are looked up only when a path enters them.
+        """
+        return self.context.symbol_space[self.symbol_table].get_type(name.split(constants.BANG)[-1])
 
     def _field(self, type_name: str, field: str):
         """Offset and template of a (dotted) field, following nested structures."""
         offset = 0
-        template = self.module.get_type(type_name)
+        template = self._type(type_name)
         for part in field.split("."):
             template = self._resolved(template)
             offset += template.relative_child_offset(part)
@@ -135,7 +152,7 @@ class Kernel:
     def _resolved(self, template):
         """Nested structures come back as references; look the real template up by name."""
         if isinstance(template, templates.ReferenceTemplate):
-            return self.context.symbol_space.get_type(template.vol.type_name)
+            return self._type(template.vol.type_name)
         return template
 
     def has_field(self, type_name: str, field: str) -> bool:
@@ -191,7 +208,7 @@ class Kernel:
 
 @lru_cache(maxsize=4096)
 def _type_size(kernel: Kernel, name: str) -> int:
-    return kernel.module.get_type(name).size
+    return kernel._type(name).size
 
 
 @lru_cache(maxsize=4096)
@@ -202,4 +219,4 @@ def _field_layout(kernel: Kernel, type_name: str, field: str) -> FieldLayout:
 
 @lru_cache(maxsize=256)
 def _array_count(kernel: Kernel, type_name: str, field: str) -> int:
-    return kernel.module.get_type(type_name).vol.members[field][1].vol.count
+    return kernel._type(type_name).vol.members[field][1].vol.count

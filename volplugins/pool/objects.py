@@ -29,6 +29,7 @@ OPTIONAL_HEADER_TYPES = (
     (0x80, "_OBJECT_HEADER_PADDING_INFO"),
 )
 MAX_TYPE_INDEX = 0x100
+MAX_NAME_BYTES = 0x1000  # longest name read from a UNICODE_STRING (a full path is far shorter)
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,10 @@ def object_type(kernel: Kernel, index: int) -> ObjectType | None:
     """Object type ``index`` read from ``ObTypeIndexTable`` (None when unreadable)."""
     layout = object_layout(kernel)
     try:
-        type_object = kernel.object("_OBJECT_TYPE", kernel.read_u64(layout.type_table + 8 * index))
-        name = type_object.Name.get_string()
-        key = int(type_object.Key).to_bytes(4, "little")
-    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError, OverflowError):
+        address = kernel.read_pointer(layout.type_table + kernel.type_size("pointer") * index)
+        name, _ = _object_type(kernel, address)
+        key = kernel.read(address + kernel.field_offset("_OBJECT_TYPE", "Key"), 4)
+    except (exceptions.InvalidAddressException, UnicodeDecodeError, ValueError):
         return None
     return ObjectType(name, key) if name and name.isprintable() and len(name) < 64 else None
 
@@ -145,27 +146,43 @@ def _describe_body(kernel: Kernel, type_name: str, header: int, body: int) -> Ob
     return ObjectInfo(type_name, name, header, body, pid)
 
 
+# Fields are read through their ISF offsets rather than as Volatility objects: building the
+# template of _EPROCESS or _ETHREAD resolves most of the kernel's types, which costs more than the lookup.
+
+def _unicode_string(kernel: Kernel, address: int) -> str:
+    """The text of the ``_UNICODE_STRING`` at ``address``."""
+    length = int.from_bytes(kernel.read(address + kernel.field_offset("_UNICODE_STRING", "Length"), 2), "little")
+    buffer = kernel.read_pointer(address + kernel.field_offset("_UNICODE_STRING", "Buffer"))
+    return kernel.read(buffer, min(length, MAX_NAME_BYTES)).decode("utf-16-le", "replace") if length else ""
+
+
+def _member(kernel: Kernel, body: int, type_name: str, field: str) -> int:
+    layout = kernel.field_layout(type_name, field)
+    return layout.extract(kernel.read(body, layout.offset + layout.size))
+
+
 def _process(kernel: Kernel, body: int) -> tuple[str, int | None]:
-    process = kernel.object("_EPROCESS", body)
-    name = process.ImageFileName.cast("string", max_length=process.ImageFileName.vol.count, errors="replace")
-    return name, int(process.UniqueProcessId)
+    name_field = kernel.field_layout("_EPROCESS", "ImageFileName")
+    raw = kernel.read(body + name_field.offset, name_field.size)
+    name = raw.split(b"\0", 1)[0].decode("latin-1")
+    return name, _member(kernel, body, "_EPROCESS", "UniqueProcessId")
 
 
 def _thread(kernel: Kernel, body: int) -> tuple[str, int | None]:
-    thread = kernel.object("_ETHREAD", body)
-    return f"tid {int(thread.Cid.UniqueThread)}", int(thread.Cid.UniqueProcess)
+    tid = _member(kernel, body, "_ETHREAD", "Cid.UniqueThread")
+    return f"tid {tid}", _member(kernel, body, "_ETHREAD", "Cid.UniqueProcess")
 
 
 def _file(kernel: Kernel, body: int) -> tuple[str, int | None]:
-    return kernel.object("_FILE_OBJECT", body).FileName.get_string(), None
+    return _unicode_string(kernel, body + kernel.field_offset("_FILE_OBJECT", "FileName")), None
 
 
 def _driver(kernel: Kernel, body: int) -> tuple[str, int | None]:
-    return kernel.object("_DRIVER_OBJECT", body).DriverName.get_string(), None
+    return _unicode_string(kernel, body + kernel.field_offset("_DRIVER_OBJECT", "DriverName")), None
 
 
 def _object_type(kernel: Kernel, body: int) -> tuple[str, int | None]:
-    return kernel.object("_OBJECT_TYPE", body).Name.get_string(), None
+    return _unicode_string(kernel, body + kernel.field_offset("_OBJECT_TYPE", "Name")), None
 
 
 def _no_name(kernel: Kernel, body: int) -> tuple[str, int | None]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .model import Chunk, State
+from .model import Backing, Chunk, State
+
+UNTAGGED = b""  # the tally's tag for free space whose bytes name no freed allocation
+UNTAGGED_LABEL = "(free, no tag)"
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,22 @@ class CensusRow:
 _COLUMNS = (State.ALLOCATED, State.FREE, State.CACHED_FREE)  # in CensusRow's column order
 
 
-def census(chunks: Iterable[Chunk]) -> list[CensusRow]:
-    """One row per (tag, pool), sorted by tag then pool; unreadable chunks have no tag to count under."""
+def names_no_allocation(chunk: Chunk) -> bool:
+    """Free space whose "tag" is not one: a free VS chunk shows its still-encoded chunk header where a tag
+    would be, and an LFH slot never handed out holds zeros."""
+    return chunk.state is State.FREE and (chunk.backing is Backing.VS or chunk.tag == bytes(4))
+
+
+def census(chunks: Iterable[Chunk], group_untagged: bool = False) -> list[CensusRow]:
+    """One row per (tag, pool), sorted by tag then pool; unreadable chunks have no tag to count under.
+
+    ``group_untagged`` counts free space that names no allocation under :data:`UNTAGGED`, one row per pool,
+    instead of a row per meaningless byte pattern (what a PoolMon-style view wants).
+    """
     counts: dict[tuple[bytes, str, State], list[int]] = {}
     for chunk in chunks:
-        key = (chunk.tag, chunk.pool, chunk.state)
+        tag = UNTAGGED if group_untagged and names_no_allocation(chunk) else chunk.tag
+        key = (tag, chunk.pool, chunk.state)
         tally = counts.get(key)
         if tally is None:
             counts[key] = [1, chunk.size]

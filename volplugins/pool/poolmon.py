@@ -183,8 +183,9 @@ def pool_columns(names: Iterable[str]) -> tuple[set[str], list[str]]:
 
 
 def is_known(row: PoolRow | GrowthRow) -> bool:
-    """Whether anything (description file or driver scan) says what the tag is."""
-    return bool(row.description or row.binary)
+    """Whether anything (description file or driver scan) says what the tag is; the census's row of
+    untagged free space is no lead either."""
+    return bool(row.description or row.binary or not row.tag)
 
 
 def select(

@@ -9,7 +9,7 @@ from typing import Iterator
 from volatility3.framework import automagic, contexts, exceptions, interfaces, plugins, renderers
 from volatility3.framework.configuration import requirements
 
-from volplugins.pool import poolmon, scan
+from volplugins.pool import census, poolmon, scan
 from volplugins.pool.attribution import TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import tag_text
@@ -131,7 +131,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
             vollog.warning("pool scan: %s at %#x", finding.reason, finding.address)
         if len(walked.findings) > FINDINGS_SHOWN:
             vollog.warning("pool scan: %d more findings", len(walked.findings) - FINDINGS_SHOWN)
-        return scan.census(walked.chunks)
+        return scan.census(walked.chunks, group_untagged=True)
 
     def _tags(self, kernel: Kernel) -> TagAttribution:
         """Descriptions (each bad line logged once by the loader), binaries completed by --driver-scan."""
@@ -229,7 +229,8 @@ class PoolTags(interfaces.plugins.PluginInterface):
 
 
 def _snapshot_values(row: poolmon.PoolRow, with_scan: bool) -> tuple:
-    values: tuple = (tag_text(row.tag), row.pool, row.allocs, row.frees, row.diff, row.bytes, row.per_alloc)
+    tag = tag_text(row.tag) or census.UNTAGGED_LABEL
+    values: tuple = (tag, row.pool, row.allocs, row.frees, row.diff, row.bytes, row.per_alloc)
     if with_scan:
         counts = row.scan or poolmon.ScanCounts()
         values += (counts.allocated, counts.allocated_bytes, counts.free, counts.free_bytes,

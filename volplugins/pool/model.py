@@ -49,6 +49,19 @@ class Chunk:
         return self.address <= address < self.end
 
 
+def new_chunk(address: int, size: int, previous_size: int, tag: bytes, state: State, backing: Backing, pool: str,
+              pool_type: int | None, body: int | None = None, quota_process: int | None = None) -> Chunk:
+    """``Chunk(...)`` with every field given, for bulk walkers: a third of the cost, the same object.
+
+    A frozen dataclass sets each field through ``object.__setattr__`` (about 3 us per chunk, and a census
+    makes one per pool chunk), so this fills the instance dictionary directly.
+    """
+    chunk = object.__new__(Chunk)
+    chunk.__dict__.update(address=address, size=size, previous_size=previous_size, tag=tag, state=state,
+                          backing=backing, pool=pool, pool_type=pool_type, body=body, quota_process=quota_process)
+    return chunk
+
+
 @dataclass(frozen=True)
 class Finding:
     """Something wrong or unreadable in the image, reported instead of raised."""

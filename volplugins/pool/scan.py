@@ -31,7 +31,7 @@ from volatility3.framework import exceptions
 from . import bigpages, classic, regions, segheap
 from .census import CensusRow, census
 from .kernel import FieldLayout, Kernel
-from .model import Backing, Chunk, Finding, State
+from .model import Backing, Chunk, Finding, State, new_chunk
 
 __all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks", "big_chunk"]
 
@@ -503,7 +503,7 @@ def _classic_chunks(data: bytes, headers: _Headers, where: np.ndarray, base: int
     sizes = (headers.field(where, layout.block_size) * np.uint64(unit)).tolist()
     types = headers.field(where, layout.pool_type).tolist()
     tag_at, tag_size = layout.pool_tag.offset, layout.pool_tag.size
-    names, new_chunk, quota_bit = decoder.pool_names, segheap.new_chunk, classic.QUOTA_BIT
+    names, quota_bit = decoder.pool_names, classic.QUOTA_BIT
     free, allocated, page = State.FREE, State.ALLOCATED, Backing.PAGE
     for offset, size, previous_size, pool_type in zip(where.tolist(), sizes, previous, types):
         address = base + offset

@@ -55,27 +55,13 @@ class ScanCounts:
 
 
 @dataclass(frozen=True)
-class PoolRow:
-    """One PoolMon line: a tag's tracker counters in one pool, what a scan found, who owns the tag."""
+class PoolRow(TagCounters):
+    """One PoolMon line: a tag's tracker counters in one pool ('' on the totals row), what a scan found,
+    who owns the tag."""
 
-    tag: bytes
-    pool: str  # 'Nonp', 'Paged', 'Session' ('' on the totals row)
-    allocs: int = 0
-    frees: int = 0
-    bytes: int = 0
     scan: ScanCounts | None = None
     description: str = ""
     binary: str = ""
-
-    @property
-    def diff(self) -> int:
-        """Outstanding allocations."""
-        return self.allocs - self.frees
-
-    @property
-    def per_alloc(self) -> int:
-        """Outstanding bytes per outstanding allocation (0 when none is outstanding)."""
-        return self.bytes // self.diff if self.diff > 0 else 0
 
     @property
     def mismatch(self) -> bool:

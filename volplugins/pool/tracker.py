@@ -41,9 +41,9 @@ class TagCounters:
 
     tag: bytes
     pool: str  # 'Nonp', 'Paged' or 'Session'
-    allocs: int
-    frees: int
-    bytes: int  # outstanding bytes
+    allocs: int = 0
+    frees: int = 0
+    bytes: int = 0  # outstanding bytes
 
     @property
     def diff(self) -> int:

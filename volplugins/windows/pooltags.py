@@ -9,7 +9,7 @@ from typing import Iterator
 from volatility3.framework import automagic, contexts, exceptions, interfaces, plugins, renderers
 from volatility3.framework.configuration import requirements
 
-from volplugins.pool import census, poolmon, scan
+from volplugins.pool import census, plugin_options, poolmon, scan
 from volplugins.pool.attribution import TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import tag_text
@@ -40,9 +40,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
-            requirements.ModuleRequirement(
-                name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
-            ),
+            plugin_options.kernel(),
             requirements.ChoiceRequirement(
                 name="sort",
                 choices=list(poolmon.SORT_KEYS),
@@ -50,19 +48,8 @@ class PoolTags(interfaces.plugins.PluginInterface):
                 default="bytes",
                 optional=True,
             ),
-            requirements.ListRequirement(
-                name="tag",
-                element_type=str,
-                description="Only tags matching one of these patterns ('*' any run, '?' any byte, case sensitive, "
-                            "\\xNN for other bytes), e.g. Nt* Irp",
-                optional=True,
-            ),
-            requirements.ListRequirement(
-                name="exclude",
-                element_type=str,
-                description="Leave out tags matching one of these patterns",
-                optional=True,
-            ),
+            plugin_options.tag_patterns("Only tags matching one of these patterns, e.g. Nt* Irp"),
+            plugin_options.tag_patterns("Leave out tags matching one of these patterns", name="exclude"),
             requirements.ListRequirement(
                 name="pool",
                 element_type=str,
@@ -96,12 +83,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
                             "`vol -r json windows.pooltags` run; rows show growth ranked by bytes",
                 optional=True,
             ),
-            requirements.ListRequirement(
-                name="pooltag-file",
-                element_type=str,
-                description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
-                optional=True,
-            ),
+            plugin_options.pooltag_files(),
         ]
 
     def run(self) -> renderers.TreeGrid:

@@ -58,6 +58,7 @@ FILES = (
     "\\$Mft",
 )
 SEED_PROCESS = "MsMpEng.exe"
+REGISTRY_PROCESS_BUILD = 17134  # Windows 10 1803 moved the registry hives into a Registry process
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,11 @@ def _map_resident_kernel_data(image: Image) -> None:
 def _place_processes(image: Image, pools, writer: ObjectWriter):
     times = process_times(image.rng, len(LIVE_PROCESSES) + len(EXITED_PROCESSES))
     live = []
-    names = [entry for entry in LIVE_PROCESSES if image.flavor.segment_heap or entry[0] != "Registry"]
+    with_registry = image.flavor.build >= REGISTRY_PROCESS_BUILD
+    names = [entry for entry in LIVE_PROCESSES if with_registry or entry[0] != "Registry"]
     for (name, pid, ppid), created in zip(names, times):
         allocation = None
-        if name == SEED_PROCESS and image.flavor.segment_heap:
+        if name == SEED_PROCESS and image.flavor.seed_page:
             allocation = pools.seed_page(filler_tags=SEED_PAGE_FILLERS).proc
         process = writer.write_process(name, pid, ppid, created, allocation=allocation)
         for number in range(1 + pid % 3):

@@ -1,4 +1,4 @@
-"""Classic pool pages as Windows 7 SP1 x64 lays them out.
+"""Classic pool pages as Windows 7 SP1 x64 and Windows 10 before the segment heap lay them out.
 
 A small allocation is a chunk inside a 4 KiB pool page: a ``_POOL_HEADER``
 (PreviousSize, PoolIndex, BlockSize, PoolType, PoolTag, ProcessBilled) and the
@@ -14,8 +14,13 @@ entry in the big page table; Windows charges no quota for those.
 Windows 7 has no no-execute pool: NonPagedNx requests are nonpaged.  The
 header's PoolType is the requested type's low bits with the in-use bit 2 set
 (nonpaged even, paged odd); quota allocations (|8) keep the charged
-``_EPROCESS`` pointer in ProcessBilled as is (Windows 7 has no quota cookie),
-cache-aligned ones (|4) start their body on a cache line.
+``_EPROCESS`` in ProcessBilled, as is on Windows 7 and XORed with the header's
+address and ``ExpPoolQuotaCookie`` on builds that have that cookie;
+cache-aligned ones (|4) start their body on a cache line.  Which bookkeeping
+variables exist (Windows 7's ``Mm*`` pool bounds, the cookie) is read from the
+build's ISF; Windows 10 records its region bounds in ``MiState`` instead
+(see regions.py).  NonPagedNx requests are modeled as nonpaged on every
+classic build.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ GAP_CHANCE = 0.03
 OPEN_PAGES = 4
 HEADER_FIELDS = ("PreviousSize", "PoolIndex", "BlockSize", "PoolType")
 POOL_DESCRIPTOR = "_POOL_DESCRIPTOR"
+QUOTA_COOKIE = "ExpPoolQuotaCookie"
 # One node, two processors: one nonpaged pool (index 0) and one paged pool (index 1;
 # ExpPagedPoolDescriptor[0] is the descriptor PoolVector names).
 PAGED_POOLS = 1
@@ -129,7 +135,7 @@ class _HeaderLayout:
 
 
 class ClassicPools:
-    """Windows 7 SP1 x64 nonpaged, paged and session pool, filled chunk by chunk.
+    """Classic nonpaged, paged and session pool (Windows 7 SP1, Windows 10 1809), filled chunk by chunk.
 
     Call :meth:`allocate` for every chunk, then :meth:`finish` once (closes the
     pages still being filled, links free lists, writes the pool descriptors
@@ -142,6 +148,8 @@ class ClassicPools:
         self.rng = image.rng
         self.open_pages = open_pages
         self.header = _HeaderLayout(image.types)
+        # Windows 8 and later encode quota pointers with a boot-time random cookie.
+        self.quota_cookie = self.rng.getrandbits(64) if image.types.has_symbol(QUOTA_COOKIE) else None
         regions = image.flavor.regions
         nonpaged, paged, session = regions["NonPagedPool"], regions["PagedPool"], regions["Session"]
         self.pools = {
@@ -236,7 +244,7 @@ class ClassicPools:
         previous = page.last.size // BLOCK if page.last else 0
         header_type = (pool_type & 0xFF) | IN_USE if state == "Allocated" else 0
         values = {"PreviousSize": previous, "PoolIndex": pool.kind.pool_index, "BlockSize": blocks, "PoolType": header_type}
-        self.image.space.write(address, self.header.pack(values, tag, quota_process))
+        self.image.space.write(address, self.header.pack(values, tag, self._billed(address, quota_process)))
         allocation = Allocation(
             address=address,
             size=blocks * BLOCK,
@@ -255,6 +263,12 @@ class ClassicPools:
         page.allocated += state == "Allocated"
         pool.chunks.append(allocation)
         return self.image.manifest.add(allocation)
+
+    def _billed(self, header: int, process: int | None) -> int | None:
+        """ProcessBilled as stored: the process itself, or encoded with the header address and cookie."""
+        if process is None or self.quota_cookie is None:
+            return process
+        return process ^ header ^ self.quota_cookie
 
     def _grow(self, page: _Page, extra: int) -> None:
         """Coalesce ``extra`` bytes into the page's last chunk, which is free."""
@@ -351,13 +365,7 @@ class ClassicPools:
         if pool is not None:
             allocated = [chunk for chunk in pool.chunks if chunk.state == "Allocated"]
             freed = [chunk for chunk in pool.chunks if chunk.state != "Allocated"]
-            values.update(
-                RunningAllocs=len(allocated) + len(freed),
-                RunningDeAllocs=len(freed),
-                TotalPages=len(pool.pages),
-                TotalBigPages=pool.big_pages,
-                TotalBytes=sum(chunk.size for chunk in allocated) + pool.big_pages * PAGE_SIZE,
-            )
+            values.update(self._statistics(allocated, freed, pool))
             for chunk in freed:
                 blocks = chunk.size // BLOCK
                 if 2 <= blocks <= count:
@@ -381,8 +389,19 @@ class ClassicPools:
                     self.image.space.write(node, bytes(links))
         self.image.space.write(address, bytes(buffer))
 
+    def _statistics(self, allocated: list[Allocation], freed: list[Allocation], pool: _Pool) -> dict[str, int]:
+        """Descriptor counters: Windows 7 keeps outstanding totals, Windows 8 and later running sums each way."""
+        live_bytes = sum(chunk.size for chunk in allocated) + pool.big_pages * PAGE_SIZE
+        freed_bytes = sum(chunk.size for chunk in freed)
+        if self.image.types.has_field(POOL_DESCRIPTOR, "RunningDeAllocs"):
+            return {"RunningAllocs": len(allocated) + len(freed), "RunningDeAllocs": len(freed),
+                    "TotalPages": len(pool.pages), "TotalBigPages": pool.big_pages, "TotalBytes": live_bytes}
+        return {"RunningAllocs": len(allocated) + len(freed), "RunningDeallocs": len(freed),
+                "PagesAllocated": len(pool.pages), "BigPagesAllocated": pool.big_pages,
+                "BytesAllocated": live_bytes + freed_bytes, "BytesDeallocated": freed_bytes}
+
     def _write_globals(self, nonpaged_descriptor: int, paged: list[int]) -> None:
-        """Region bounds and descriptor pointers Windows 7 keeps in kernel variables."""
+        """Region bounds, descriptor pointers and the quota cookie, in the kernel variables this build has."""
         regions = self.image.flavor.regions
         nonpaged_start, nonpaged_size = regions["NonPagedPool"]
         paged_start, paged_size = regions["PagedPool"]
@@ -403,6 +422,10 @@ class ClassicPools:
         for name, value in (("ExpNumberOfNonPagedPools", 1), ("ExpNumberOfPagedPools", PAGED_POOLS)):
             if self.image.types.has_symbol(name):
                 space.write_u32(self.image.symbol(name), value)
+        if self.quota_cookie is not None:
+            space.write_u64(self.image.symbol(QUOTA_COOKIE), self.quota_cookie)
+        if self.image.types.has_symbol("ExpNonPagedPoolDescriptor"):
+            space.write_u64(self.image.symbol("ExpNonPagedPoolDescriptor"), nonpaged_descriptor)
         space.write_u64(self.image.symbol("PoolVector"), nonpaged_descriptor)
         space.write_u64(self.image.symbol("PoolVector") + 8, paged[0])
         for index, address in enumerate(paged):

@@ -25,6 +25,10 @@ class Flavor:
     segment_heap: bool
     self_map_index: int
     kernel_base: int
+    # Whether the build reproduces the seed ``!pool`` transcript (a VS page at 0xffffdc0155e94000).
+    seed_page: bool = False
+    # Windows 7 sets the high bit of object tags ("protected" allocations); later builds do not.
+    protected_object_tags: bool = False
     # Kernel virtual-address regions: name -> (base, size).  Pool allocations
     # are placed inside the pool regions; the rest exist so lookups of
     # non-pool addresses have something real to name.
@@ -46,6 +50,7 @@ WIN10_19041 = Flavor(
     segment_heap=True,
     self_map_index=0x1A3,
     kernel_base=0xFFFFF80563A00000,
+    seed_page=True,
     regions={
         "NonPagedPool": (0xFFFFDC0000000000, 0x100_0000_0000),
         "PagedPool": (0xFFFFB90000000000, 0x100_0000_0000),
@@ -68,6 +73,7 @@ WIN7_SP1 = Flavor(
     segment_heap=False,
     self_map_index=0x1ED,
     kernel_base=0xFFFFF80002A0F000,
+    protected_object_tags=True,
     regions={
         # Nonpaged pool follows the PFN database (sized here for 1 GiB of RAM) and may
         # grow to 75% of RAM; paged pool and session space sit at fixed addresses.
@@ -80,4 +86,49 @@ WIN7_SP1 = Flavor(
     },
 )
 
-FLAVORS = {flavor.name: flavor for flavor in (WIN10_19041, WIN7_SP1)}
+WIN11_22000 = Flavor(
+    name="win11-22000",
+    isf_file="0CE4A95C0CD782A7596B034D8648E585-1.json.xz",
+    major=10,
+    minor=0,
+    build=22000,
+    nt_major=10,
+    nt_minor=0,
+    segment_heap=True,
+    self_map_index=0x12D,
+    kernel_base=0xFFFFF8025C800000,
+    regions={
+        "NonPagedPool": (0xFFFFA10000000000, 0x100_0000_0000),
+        "PagedPool": (0xFFFFC80000000000, 0x100_0000_0000),
+        "Session": (0xFFFFF68000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFFD30000000000, 0x10_0000_0000),
+        "KernelStacks": (0xFFFFD50000000000, 0x10_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFB60000000000, 0x10_0000_0000),
+    },
+)
+
+WIN10_1809 = Flavor(
+    name="win10-1809",
+    isf_file="8CFB49428DC86A330CE257778E0C2F93-1.json.xz",
+    major=10,
+    minor=0,
+    build=17763,
+    nt_major=10,
+    nt_minor=0,
+    segment_heap=False,
+    self_map_index=0x1C4,
+    kernel_base=0xFFFFF80174A00000,
+    regions={
+        # Classic pool on a Windows 10 kernel: regions are assigned at boot like later builds.
+        "NonPagedPool": (0xFFFFB30000000000, 0x100_0000_0000),
+        "PagedPool": (0xFFFFD78000000000, 0x100_0000_0000),
+        "Session": (0xFFFFF18000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFFCE0000000000, 0x10_0000_0000),
+        "KernelStacks": (0xFFFFCF0000000000, 0x10_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFAA0000000000, 0x10_0000_0000),
+    },
+)
+
+FLAVORS = {flavor.name: flavor for flavor in (WIN10_19041, WIN7_SP1, WIN11_22000, WIN10_1809)}

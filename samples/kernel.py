@@ -43,6 +43,8 @@ KDBG_BLOCK_SIZE = 0x368
 BUILD_LABS = {
     "win10-19041": "19041.1.amd64fre.vb_release.191206-1406",
     "win7-sp1": "7601.24540.amd64fre.win7sp1_ldr_escrow.191127-1706",
+    "win11-22000": "22000.1.amd64fre.co_release.210604-1628",
+    "win10-1809": "17763.1.amd64fre.rs5_release.180914-1434",
 }
 
 
@@ -87,7 +89,7 @@ def _write_debugger_data(image: Image) -> None:
     struct.pack_into("<Q", block, KDBG_CM_NT_CSD_VERSION, image.symbol("CmNtCSDVersion"))
     image.space.write(image.symbol("KdDebuggerDataBlock"), bytes(block))
     image.space.write(image.symbol("NtBuildLab"), BUILD_LABS[image.flavor.name].encode() + b"\0")
-    service_pack = 1 if image.flavor.name == "win7-sp1" else 0
+    service_pack = 1 if image.flavor.build == 7601 else 0
     image.space.write_u32(image.symbol("CmNtCSDVersion"), service_pack << 8)
 
 

@@ -35,6 +35,21 @@ TYPE_NAMES = {
         "Desktop", "Composition", "RawInputManager", "CoreMessaging", "ActivationObject", "TpWorkerFactory",
         "Adapter", "Controller", "Device", "Driver", "IoCompletion", "WaitCompletionPacket", "File",
     ),
+    "win11-22000": (
+        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
+        "IoCompletionReserve", "ActivityReference", "ProcessStateChange", "ThreadStateChange", "PsSiloContextPaged",
+        "PsSiloContextNonPaged", "DebugObject", "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer",
+        "Profile", "KeyedEvent", "WindowStation", "Desktop", "Composition", "RawInputManager", "CoreMessaging",
+        "ActivationObject", "TpWorkerFactory", "Adapter", "Controller", "Device", "Driver", "IoCompletion",
+        "WaitCompletionPacket", "File",
+    ),
+    "win10-1809": (
+        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
+        "IoCompletionReserve", "ActivityReference", "PsSiloContextPaged", "PsSiloContextNonPaged", "DebugObject",
+        "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer", "Profile", "KeyedEvent", "WindowStation",
+        "Desktop", "Composition", "RawInputManager", "CoreMessaging", "TpWorkerFactory", "Adapter", "Controller",
+        "Device", "Driver", "IoCompletion", "WaitCompletionPacket", "File",
+    ),
     "win7-sp1": (
         "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "UserApcReserve",
         "IoCompletionReserve", "DebugObject", "Event", "EventPair", "Mutant", "Callback", "Semaphore", "Timer",
@@ -47,7 +62,8 @@ FIRST_TYPE_INDEX = 2
 OBJECT_TAGS = {"Type": b"ObjT", "Directory": b"Dire", "Process": b"Proc", "Thread": b"Thre", "Device": b"Devi",
                "Driver": b"Driv", "File": b"File"}  # other types' objects are tagged with their name's first 4 bytes
 PROTECTED_TAG_BIT = 0x80
-# Process objects are charged a fixed-size allocation on 19041 (the seed transcript's 0xd00-byte Proc chunk).
+# Process objects are charged a fixed-size allocation on segment-heap builds (the 19041 seed transcript's
+# 0xd00-byte Proc chunk); a larger _EPROCESS takes what it needs.
 WIN10_PROCESS_ALLOCATION = 0xCF0
 
 
@@ -77,7 +93,7 @@ class ObjectWriter:
     # -- generic object layout ---------------------------------------------
     def tag_for(self, kind: str) -> bytes:
         tag = OBJECT_TAGS.get(kind) or kind[:4].ljust(4).encode()
-        if self.image.flavor.name == "win7-sp1":
+        if self.image.flavor.protected_object_tags:
             tag = tag[:3] + bytes([tag[3] | PROTECTED_TAG_BIT])
         return tag
 

@@ -21,7 +21,8 @@ What Windows does, and this module reproduces:
   allocated elsewhere).  ``PoolTrackTableSize`` is the power of two plus one
   spare row, ``PoolTrackTableMask`` the power of two minus one.  Tags that find
   the hashed table full go to ``PoolTrackTableExpansion``, a page-granular
-  array searched linearly.  Session pool counts in ``ExpSessionPoolTrackTable``.
+  array searched linearly.  Session pool counts in ``ExpSessionPoolTrackTable``
+  on builds that have it (Windows 11 has none).
 """
 
 from __future__ import annotations
@@ -261,7 +262,10 @@ class _TableWriter:
         self._write_big_table(big_va)
         tables = self._write_tag_tables(track_va, independent_base, hashed, placed)
         self._write_expansion(expansion_va if overflow else 0, expansion_entries, overflow, tables)
-        self._write_session(session_base, tables)
+        if self.types.has_symbol("ExpSessionPoolTrackTable"):
+            self._write_session(session_base, tables)
+        elif any(table == "session" for _, table in self.tables.counters):
+            raise ValueError("this build keeps no session tag table: session pool counts have nowhere to go")
         self._record(system_rows, tables, big_va, track_va, hashed)
 
     def _default_track_table_size(self) -> int:

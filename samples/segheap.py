@@ -1,4 +1,4 @@
-"""Kernel pool of Windows 10 2004 (build 19041): the segment heap, as the kernel lays it out.
+"""Kernel pool of segment-heap builds (Windows 10 2004 build 19041, Windows 11 21H2 22000), as the kernel lays it out.
 
 :class:`SegmentHeapPools` writes the heap manager state (``RtlpHpHeapGlobals``,
 ``ExPoolState`` with one pool node of four ``_SEGMENT_HEAP``), segments with
@@ -209,11 +209,12 @@ class SegmentHeapPools:
         self.pool_state = image.symbol("ExPoolState")
         self.vs_header_room = round_up(self.fields.size("_HEAP_VS_SUBSEGMENT"), UNIT)
         self._cursors: dict[tuple[str, int], int] = {}
-        self._reserved_segments: set[int] = {SEED_SEGMENT}
+        self._reserved_segments: set[int] = {SEED_SEGMENT} if image.flavor.seed_page else set()
         self._metadata_next = self._region_base("NonPagedPool") + 0x10_0000_0000 + self.rng.randrange(0x100) * PAGE
         self._lookaside: dict[tuple[int, int], list[int]] = {}
         self.heaps = [Heap(i, self._metadata(self.fields.size("_SEGMENT_HEAP")), HEAP_REGIONS[i]) for i in range(4)]
-        self._seed_segment_for(self.heaps[POOLS["NonPagedNx"].heap_index])
+        if image.flavor.seed_page:
+            self._seed_segment_for(self.heaps[POOLS["NonPagedNx"].heap_index])
         self.seed: SeedPage | None = None
         self._write_globals()
 
@@ -288,7 +289,8 @@ class SegmentHeapPools:
 
     def finish(self) -> None:
         """Close every subsegment, write descriptors, lists, trees and lookasides."""
-        self.seed_page()
+        if self.image.flavor.seed_page:
+            self.seed_page()
         for heap in self.heaps:
             for sub in heap.vs_subsegments:
                 self._close_vs(sub)

@@ -13,15 +13,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from samples.build import build_image  # noqa: E402
+from samples.flavors import FLAVORS as FLAVOR_SPECS  # noqa: E402
 from volrun import VolSession  # noqa: E402
 
-FLAVORS = ("win10-19041", "win7-sp1")
+FLAVORS = ("win10-19041", "win7-sp1", "win11-22000", "win10-1809")
 SAMPLE_SIZE = 64 << 20
 
 
 class Sample:
     def __init__(self, flavor: str, image: Path, manifest: Path, cache: Path):
         self.flavor = flavor
+        self.segment_heap = FLAVOR_SPECS[flavor].segment_heap
         self.image = image
         self.manifest = json.loads(manifest.read_text())
         self.cache = cache

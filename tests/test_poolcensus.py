@@ -22,6 +22,8 @@ PLUGIN = "windows.poolcensus.PoolCensus"
 CORRUPTIONS = {
     "win10-19041": ("overflow", "bad-size", "bad-vs-header", "bad-tag"),
     "win7-sp1": ("overflow", "bad-size", "bad-tag"),
+    "win11-22000": ("overflow", "bad-size", "bad-vs-header", "bad-tag"),
+    "win10-1809": ("overflow", "bad-size", "bad-tag"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The Windows 7 classic pool model and the pool bookkeeping tables, checked by re-reading the written bytes.
+"""The classic pool model (Windows 7, Windows 10 1809) and the bookkeeping tables, checked by re-reading written bytes.
 
 Every check decodes memory with the ISF's own offsets and bit positions and
 compares it with the manifest and with the counts given to the builders.
@@ -360,3 +360,26 @@ def test_volatility_lists_exactly_the_live_big_allocations(tmp_path):
     listed = sorted((row["Allocation"] & 0xFFFF_FFFF_FFFF, row["NumberOfBytes"], row["Tag"]) for row in rows)
     live = sorted((a.va & 0xFFFF_FFFF_FFFF, a.size, a.tag.decode().strip()) for a in tables.big if not a.free)
     assert listed == live and any(a.free for a in tables.big)
+
+
+def test_windows_10_classic_pool_encodes_quota_and_keeps_running_counters():
+    """1809 pages: ProcessBilled is XORed with the header address and ExpPoolQuotaCookie (written once);
+    descriptors carry Windows 8+ running counters; no Windows 7 Mm* pool bounds are needed."""
+    image = Image(FLAVORS["win10-1809"], seed=5, physical_size=32 << 20)
+    build_kernel(image)
+    pools = _populate(image, PoolTables(), 1500)
+    cookie = _u64(image, image.symbol("ExpPoolQuotaCookie"))
+    assert cookie == pools.quota_cookie != 0
+    billed_offset = image.types.offset("_POOL_HEADER", "ProcessBilled")
+    charged = [a for a in image.manifest.allocations if a.quota_process is not None and a.state == "Allocated"]
+    assert len(charged) > 10
+    for allocation in charged:
+        assert _u64(image, allocation.address + billed_offset) == EPROCESS ^ allocation.address ^ cookie
+    assert not image.types.has_symbol("MmNonPagedPoolStart")
+    descriptor = image.space.read(image.symbol("NonPagedPoolDescriptor"), image.types.size("_POOL_DESCRIPTOR"))
+    nonpaged = [a for a in image.manifest.allocations if a.pool == "NonPaged" and a.backing == "Page"]
+    freed = sum(1 for a in nonpaged if a.state != "Allocated")
+    assert _field(image, "_POOL_DESCRIPTOR", descriptor, 0, "RunningAllocs") == len(nonpaged)
+    assert _field(image, "_POOL_DESCRIPTOR", descriptor, 0, "RunningDeallocs") == freed
+    assert _field(image, "_POOL_DESCRIPTOR", descriptor, 0, "BytesDeallocated") == \
+        sum(a.size for a in nonpaged if a.state != "Allocated")

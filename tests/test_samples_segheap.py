@@ -364,3 +364,33 @@ def test_fast_and_deterministic():
     again = build(seed=7, count=5000)[0]
     assert again.space.physical == first.space.physical
     assert first.space.frames_used * PAGE < 48 << 20
+
+
+def test_windows_11_pools_without_seed_page_or_session_tag_table():
+    """22000 reproduces no 19041 transcript, keeps no session tag table and has 0x20-byte big page entries."""
+    image = Image(FLAVORS["win11-22000"], seed=2, physical_size=16 << 20)
+    tables = PoolTables()
+    pools = SegmentHeapPools(image, tables)
+    rng = random.Random(2)
+    for _ in range(400):
+        pools.allocate(rng.choice([0x30, 0x180, 0x600, 0x3000]), b"Tw11", rng.choice(["NonPagedNx", "Paged"]),
+                       state=rng.choice(["Allocated", "Allocated", "Free"]))
+    pools.finish()
+    assert pools.seed is None
+    assert not any(SEED_PAGE <= a.address < SEED_PAGE + PAGE for a in image.manifest.allocations)
+    for allocation in image.manifest.allocations:
+        start, size = image.flavor.regions["NonPagedPool" if allocation.pool == "NonPagedNx" else "PagedPool"]
+        assert start <= allocation.address < start + size
+    tables.track_from_manifest(image.manifest, image.rng)
+    tables.write(image)
+    assert "session" not in [table["name"] for table in image.manifest.extras["tracker_tables"]["tables"]]
+    reader = Reader(image)
+    table = reader.u64(image.symbol("PoolBigPageTable"))
+    assert image.manifest.big_pages
+    for entry in image.manifest.big_pages:
+        record = table + entry["index"] * 0x20  # Va, Key, PoolType word, NumberOfBytes, ProcessBilled
+        assert reader.u64(record) & ~1 == entry["va"] and reader.u64(record + 0x10) == entry["size"]
+    with_session = PoolTables()
+    with_session.track(b"Gla5", "Session", 1, 0, 0x40)
+    with pytest.raises(ValueError):
+        with_session.write(image)

@@ -27,3 +27,8 @@ def tag_patterns(what: str, name: str = "tag") -> requirements.ListRequirement:
     return requirements.ListRequirement(
         name=name, element_type=str, description=f"{what} ({TAG_PATTERN_HELP})", optional=True
     )
+
+
+def flag(name: str, description: str) -> requirements.BooleanRequirement:
+    """An on/off option, off unless given."""
+    return requirements.BooleanRequirement(name=name, description=description, default=False, optional=True)

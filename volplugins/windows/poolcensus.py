@@ -154,36 +154,46 @@ class PoolCensus(interfaces.plugins.PluginInterface):
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        def flag(name: str, description: str) -> requirements.BooleanRequirement:
-            return requirements.BooleanRequirement(name=name, description=description, default=False, optional=True)
-
         return [
             plugin_options.kernel(),
             plugin_options.tag_patterns("Only chunks whose tag matches one of these patterns, e.g. Proc Nt* 'Irp '"),
-            flag("free", "Only free and cached-free chunks"),
-            flag("allocated", "Only allocated chunks"),
+            plugin_options.flag("free", "Only free and cached-free chunks"),
+            plugin_options.flag("allocated", "Only allocated chunks"),
             requirements.IntRequirement(name="min-size", description="Only chunks of at least this many bytes",
                                         optional=True),
             requirements.IntRequirement(name="max-size", description="Only chunks of at most this many bytes",
                                         optional=True),
-            flag("big", "Only big and large allocations (no pool header, tracked in the big page table)"),
+            plugin_options.flag("big", "Only big and large allocations (no pool header, tracked in the big page "
+                                "table)"),
             requirements.StringRequirement(
                 name="region",
                 description="Only chunks in this kernel region (case insensitive, a prefix is enough), "
                             "e.g. 'Paged pool', nonpaged",
                 optional=True,
             ),
-            flag("bigpages", "View: every in-use PoolBigPageTable entry, freed ones flagged"),
-            flag("free-analysis", "View: free space per region and backing (count, bytes, largest free run, "
-                                  "fragmentation = 1 - largest run / free bytes), then the free chunks with "
-                                  "their stale tags"),
-            flag("carve", "View: processes, threads and files rebuilt from the stale bytes of free chunks "
-                          "(--tag, --min-size, --max-size, --big and --region choose the chunks searched)"),
-            flag("validate", "View: consistency findings over the whole image, like !poolval (broken chains, "
-                             "undecodable or oversized headers, bad tags, overlapping big page table entries)"),
-            flag("coverage", "View: how much of the pools the walk covered (heaps, segments, pages walked and "
-                             "unreadable)"),
-            flag("dump", "Write each listed chunk's bytes to <address>.<tag>.pool in the output directory"),
+            plugin_options.flag("bigpages", "View: every in-use PoolBigPageTable entry, freed ones flagged"),
+            plugin_options.flag(
+                "free-analysis",
+                "View: free space per region and backing (count, bytes, largest free run, "
+                "fragmentation = 1 - largest run / free bytes), then the free chunks with their stale tags",
+            ),
+            plugin_options.flag(
+                "carve",
+                "View: processes, threads and files rebuilt from the stale bytes of free chunks "
+                "(--tag, --min-size, --max-size, --big and --region choose the chunks searched)",
+            ),
+            plugin_options.flag(
+                "validate",
+                "View: consistency findings over the whole image, like !poolval (broken chains, "
+                "undecodable or oversized headers, bad tags, overlapping big page table entries)",
+            ),
+            plugin_options.flag(
+                "coverage",
+                "View: how much of the pools the walk covered (heaps, segments, pages walked and unreadable)",
+            ),
+            plugin_options.flag(
+                "dump", "Write each listed chunk's bytes to <address>.<tag>.pool in the output directory"
+            ),
             plugin_options.pooltag_files(),
         ]
 

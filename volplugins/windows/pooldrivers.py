@@ -7,7 +7,6 @@ from collections import defaultdict
 from typing import Iterator
 
 from volatility3.framework import interfaces, renderers
-from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
 from volplugins.pool import plugin_options
@@ -34,18 +33,9 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
         return [
             plugin_options.kernel(),
             plugin_options.tag_patterns("Only tags matching one of these patterns: which drivers use them"),
-            requirements.BooleanRequirement(
-                name="include-kernel",
-                description="Also scan the kernel's own code (slower; it calls the pool routines directly)",
-                default=False,
-                optional=True,
-            ),
-            requirements.BooleanRequirement(
-                name="call-sites",
-                description="List every call site under its tag",
-                default=False,
-                optional=True,
-            ),
+            plugin_options.flag("include-kernel", "Also scan the kernel's own code (slower; it calls the pool "
+                                "routines directly)"),
+            plugin_options.flag("call-sites", "List every call site under its tag"),
             plugin_options.pooltag_files(),
         ]
 

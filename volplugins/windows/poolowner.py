@@ -40,12 +40,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 description="File with addresses to look up, one or more per line, '#' starts a comment",
                 optional=True,
             ),
-            requirements.BooleanRequirement(
-                name="contents",
-                description="Also dump the owning allocation's bytes (like !pool flag 1)",
-                default=False,
-                optional=True,
-            ),
+            plugin_options.flag("contents", "Also dump the owning allocation's bytes (like !pool flag 1)"),
             plugin_options.pooltag_files(),
             requirements.ChoiceRequirement(
                 name="driver-scan",

@@ -59,24 +59,12 @@ class PoolTags(interfaces.plugins.PluginInterface):
             requirements.IntRequirement(
                 name="top", description="Show only the first N rows (before the totals row)", optional=True
             ),
-            requirements.BooleanRequirement(
-                name="unknown",
-                description="Only tags that no description file (nor, with --driver-scan, any driver) accounts for",
-                default=False,
-                optional=True,
-            ),
-            requirements.BooleanRequirement(
-                name="driver-scan",
-                description="Name binaries of tags by scanning loaded drivers' code for the tags they allocate with",
-                default=False,
-                optional=True,
-            ),
-            requirements.BooleanRequirement(
-                name="scan",
-                description="Also walk every pool chunk and show what was found beside the tracker's counts",
-                default=False,
-                optional=True,
-            ),
+            plugin_options.flag("unknown", "Only tags that no description file (nor, with --driver-scan, any "
+                                "driver) accounts for"),
+            plugin_options.flag("driver-scan", "Name binaries of tags by scanning loaded drivers' code for the "
+                                "tags they allocate with"),
+            plugin_options.flag("scan", "Also walk every pool chunk and show what was found beside the tracker's "
+                                "counts"),
             requirements.StringRequirement(
                 name="baseline",
                 description="Earlier snapshot to compare with: a memory image, or the JSON of a "

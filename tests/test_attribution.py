@@ -13,7 +13,7 @@ from samples.pooltables import POOL_TAG
 from samples.population import BIG_PROFILES, PROFILES
 from volplugins.pool.attribution import DriverScan, load_attribution
 from volplugins.pool.driverscan import scan_drivers
-from volplugins.pool.model import tag_text
+from volplugins.pool.tags import tag_text
 from volplugins.pool.tagdb import builtin_database
 
 POOLDRIVERS = "windows.pooldrivers.PoolDrivers"

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from volplugins.pool import owner, regions
-from volplugins.pool.model import tag_text, tag_windbg
+from volplugins.pool.tags import tag_text, tag_windbg
 from volrun import cli_json
 
 SEED_ADDRESS = 0xFFFFDC0155E94340

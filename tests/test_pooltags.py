@@ -13,7 +13,7 @@ import pytest
 
 from samples.build import build_image
 from samples.snapshots import Leak, parse_leak
-from volplugins.pool import poolmon
+from volplugins.pool import poolmon, tags
 from volplugins.pool.census import UNTAGGED_LABEL
 from volplugins.pool.census import CensusRow
 from volplugins.pool.tracker import TagCounters
@@ -84,13 +84,13 @@ def test_sort_rows_refuses_unknown_keys():
     ("[Nn]tfx", []),  # only * and ? are wildcards
 ])
 def test_wildcard_patterns(pattern, matched):
-    compiled = poolmon.compile_pattern(pattern)
+    compiled = tags.compile_pattern(pattern)
     assert [r.tag for r in ROWS if compiled.matches(r.tag)] == matched
 
 
 def test_select_combines_include_exclude_pool_and_unknown():
-    include = [poolmon.compile_pattern("Nt*"), poolmon.compile_pattern("Pro?")]
-    exclude = [poolmon.compile_pattern("*fx")]
+    include = [tags.compile_pattern("Nt*"), tags.compile_pattern("Pro?")]
+    exclude = [tags.compile_pattern("*fx")]
     assert [r.tag for r in poolmon.select(ROWS, include, exclude)] == [b"NtFs", b"Proc"]
     assert [r.tag for r in poolmon.select(ROWS, include, exclude, pools={"Nonp"})] == [b"Proc"]
     assert [r.tag for r in poolmon.select(ROWS, pools={"Session", "Paged"})] == [b"NtFs", b"Gh\x05\xff"]

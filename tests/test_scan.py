@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 
 from volplugins.pool import scan, segheap
-from volplugins.pool.model import Backing, Chunk, State, tag_text
+from volplugins.pool.model import Backing, Chunk, State
+from volplugins.pool.tags import tag_text
 
 PAGE = 0x1000
 _SCANS: dict[str, scan.PoolScan] = {}

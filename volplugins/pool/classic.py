@@ -30,8 +30,6 @@ _PAGED_BIT = 1
 _SESSION_BIT = 0x20
 QUOTA_BIT = 8
 
-_DEFAULT_PAGE_SIZE = 0x1000
-
 
 @dataclass(frozen=True)
 class HeaderLayout:
@@ -211,14 +209,9 @@ def _chunk(data: bytes, offset: int, address: int, layout: HeaderLayout, cookie:
     )
 
 
-def layer_page_size(kernel: Kernel) -> int:
-    """The layer's page size (4 KiB on x86/x64)."""
-    return getattr(kernel.layer, "page_size", _DEFAULT_PAGE_SIZE)
-
-
 def walk_page(kernel: Kernel, page_address: int) -> PageWalk:
     """Walk the classic pool page holding ``page_address`` (any address inside it)."""
-    size = layer_page_size(kernel)
+    size = kernel.page_size
     page = page_address - page_address % size
     try:
         data = kernel.read(page, size)

@@ -39,6 +39,7 @@ from volatility3.framework import exceptions
 
 from .kernel import Kernel
 from .model import Finding
+from .tags import printable_tag, unprotected
 
 MAX_MODULES = 4096
 MAX_IMAGE_SIZE = 64 << 20  # larger than any driver; a bigger SizeOfImage is a bad entry
@@ -137,11 +138,8 @@ def find_tag_uses(
 
 
 def plausible_tag(tag: bytes) -> bool:
-    """Four printable ASCII bytes with a letter or digit; the last may carry the protected bit (0x80)."""
-    if len(tag) != 4:
-        return False
-    text = tag[:3] + bytes([tag[3] & 0x7F])
-    return all(0x20 <= byte < 0x7F for byte in text) and any(chr(byte).isalnum() for byte in text)
+    """Four printable ASCII bytes with a letter or digit; the last may carry the protected bit."""
+    return printable_tag(tag) and any(chr(byte).isalnum() for byte in unprotected(tag))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from volatility3.framework import exceptions
 from .classic import HeaderLayout, header_layout
 from .kernel import Kernel
 from .model import Backing, Chunk, State
-from .validate import printable_tag
+from .tags import printable_tag
 
 IN_USE_BIT = 2  # header PoolType of an allocated block (0 = free)
 STALE_SEARCH_LIMIT = 0x10000  # bytes of a free VS chunk searched for a stale pool header

@@ -14,6 +14,9 @@ from volatility3.framework import constants, exceptions, interfaces, objects
 from volatility3.framework.objects import templates
 
 
+PAGE_SIZE = 0x1000  # the small page of x86 and x64: the unit both pool allocators carve
+
+
 @dataclass(frozen=True)
 class FieldLayout:
     """Where one structure field lives: byte offset, storage size, bit range of a bitfield.
@@ -194,6 +197,11 @@ class Kernel:
             data = self.read(address, size, pad=True)
             mapped = sum(length for _, length, _, _, _ in self.layer.mapping(address, size, ignore_errors=True))
             return data, size - mapped
+
+    @property
+    def page_size(self) -> int:
+        """The layer's page size (4 KiB on x86/x64)."""
+        return getattr(self.layer, "page_size", PAGE_SIZE)
 
     def is_valid(self, address: int, size: int = 1) -> bool:
         return self.layer.is_valid(address, size)

@@ -69,12 +69,3 @@ class Finding:
     address: int
     reason: str
 
-
-def tag_text(tag: bytes) -> str:
-    """A tag as users read it: printable bytes as-is, others escaped (never dropped)."""
-    return "".join(chr(b) if 32 <= b < 127 and b != 0x5C else f"\\x{b:02x}" for b in tag)
-
-
-def tag_windbg(tag: bytes) -> str:
-    """A tag as WinDbg prints it: one character per byte, '.' for unprintable bytes."""
-    return "".join(chr(b) if 32 <= b < 127 else "." for b in tag)

@@ -16,6 +16,7 @@ from functools import lru_cache
 from volatility3.framework import exceptions
 
 from .kernel import Kernel
+from .tags import same_tag
 
 # InfoMask bits and the optional header each one adds, in bit order.
 OPTIONAL_HEADER_TYPES = (
@@ -95,11 +96,6 @@ def object_type(kernel: Kernel, index: int) -> ObjectType | None:
     return ObjectType(name, key) if name and name.isprintable() and len(name) < 64 else None
 
 
-def _same_tag(first: bytes, second: bytes) -> bool:
-    """Tags compare without the protected bit Windows 7 sets on object tags."""
-    return first[:3] == second[:3] and first[3:] and second[3:] and (first[3] & 0x7F) == (second[3] & 0x7F)
-
-
 def optional_headers_size(layout: ObjectLayout, info_mask: int) -> int:
     return sum(size for bit, size in layout.optional_sizes if info_mask & bit)
 
@@ -124,7 +120,7 @@ def identify(kernel: Kernel, data_start: int, data_size: int, tag: bytes) -> Obj
         if not 2 <= index < MAX_TYPE_INDEX:
             continue
         found = object_type(kernel, index)
-        if found is None or not _same_tag(found.key, tag):
+        if found is None or not same_tag(found.key, tag):
             continue
         body = header + layout.header_body_offset
         return _describe_body(kernel, found.name, header, body)

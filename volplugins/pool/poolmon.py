@@ -5,11 +5,8 @@ counters (:func:`volplugins.pool.tracker.tracker_rows`), optionally a census
 of walked chunks, and tag descriptions.  Nothing here reads memory, so every
 view can be checked without an image.
 
-Tags are four raw bytes, case sensitive.  Patterns given by a user are tag
-text (``\\xNN`` escapes for unprintable bytes, as :func:`model.tag_text`
-prints them) with ``*`` (any run of bytes) and ``?`` (any one byte); a pattern
-without ``*`` shorter than four bytes is padded with spaces the way the
-kernel pads short tags (``Irp`` is ``Irp ``).
+Tags are four raw bytes, case sensitive; rows are chosen with the user's tag
+patterns (:mod:`volplugins.pool.tags`).
 
 Leak hunting compares two snapshots by outstanding allocations (PoolMon's
 Diff) and outstanding bytes per tag and pool: a tag that leaks grows in
@@ -21,15 +18,14 @@ are read from the renderer's nested ``__children`` lists as well.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from .census import CensusRow
 from .tagdb import UNKNOWN_BINARY
+from .tags import TAG_LENGTH, TagPattern, tag_from_text
 from .tracker import TagCounters
 
-TAG_LENGTH = 4
 TOTAL_TAG = b"TOTAL"  # five bytes: no pool tag can be mistaken for the totals row
 POOL_COLUMNS = ("Nonp", "Paged", "Session")
 # Allocator pool (chunk walkers) -> tracker column (PoolMon's Type).
@@ -37,7 +33,6 @@ ALLOCATOR_COLUMN = {"NonPaged": "Nonp", "NonPagedNx": "Nonp", "Paged": "Paged", 
 # What a user may type for --pool -> tracker column.
 POOL_NAMES = {"nonpaged": "Nonp", "nonp": "Nonp", "paged": "Paged", "session": "Session"}
 SORT_KEYS = ("bytes", "diff", "allocs", "frees", "per-alloc", "tag")
-_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 
 
 @dataclass(frozen=True)
@@ -128,32 +123,6 @@ def describe(rows: Iterable[Row], lookup: Callable[[bytes], tuple[str, str]]) ->
 
 
 # -- filters -------------------------------------------------------------------
-@dataclass(frozen=True)
-class TagPattern:
-    """A user's tag pattern: ``*`` and ``?`` wildcards over the tag's four bytes."""
-
-    text: str
-    regex: re.Pattern[bytes] = field(compare=False, repr=False)
-
-    def matches(self, tag: bytes) -> bool:
-        return self.regex.fullmatch(tag) is not None
-
-
-def tag_from_text(text: str) -> bytes:
-    """Inverse of :func:`model.tag_text`: ``\\xNN`` escapes become bytes, other characters Latin-1."""
-    raw = text.encode("latin-1", errors="replace")
-    return _ESCAPE.sub(lambda match: bytes([int(match.group(1), 16)]), raw)
-
-
-def compile_pattern(text: str) -> TagPattern:
-    """A pattern from tag text; without ``*`` a short pattern is space-padded to four bytes."""
-    raw = tag_from_text(text)
-    if b"*" not in raw:
-        raw = raw.ljust(TAG_LENGTH, b" ")
-    parts = [b".*" if byte == ord("*") else b"." if byte == ord("?") else re.escape(bytes([byte])) for byte in raw]
-    return TagPattern(text, re.compile(b"".join(parts), re.DOTALL))
-
-
 def pool_columns(names: Iterable[str]) -> tuple[set[str], list[str]]:
     """Tracker columns for ``--pool`` values (case-insensitive, comma lists allowed), and unknown names."""
     wanted: set[str] = set()

@@ -30,8 +30,9 @@ from volatility3.framework import exceptions
 
 from . import bigpages, classic, regions, segheap
 from .census import CensusRow, census
-from .kernel import FieldLayout, Kernel
+from .kernel import PAGE_SIZE, FieldLayout, Kernel
 from .model import Backing, Chunk, Finding, State, new_chunk
+from .tags import printable_tag
 
 __all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks", "big_chunk"]
 
@@ -286,7 +287,7 @@ def _read_range(kernel: Kernel, start: int, size: int,
                 coverage: Coverage) -> tuple[bytes | None, dict[int, bytes | None]]:
     """The bytes of [start, start + size) when they read as one piece, else its pages (None: unmapped), each
     mapped run read once through the layer's mapping."""
-    page = segheap.PAGE_SIZE
+    page = PAGE_SIZE
     runs = list(_mapped_runs(kernel, start, size, coverage, limit=max(size, BLOCK_BYTES)))
     if len(runs) == 1 and runs[0][0] == start and runs[0][1] == size and runs[0][2] is not None:
         coverage.pages_walked += size // page
@@ -388,7 +389,7 @@ class _ClassicDecoder:
     @classmethod
     def of(cls, kernel: Kernel) -> "_ClassicDecoder":
         layout = classic.header_layout(kernel)
-        return cls(layout, classic.quota_cookie(kernel), classic.layer_page_size(kernel), {})
+        return cls(layout, classic.quota_cookie(kernel), kernel.page_size, {})
 
     def pool_name(self, pool_type: int) -> str:
         name = self.pool_names.get(pool_type)
@@ -524,14 +525,10 @@ def _broken_pages(data: bytes, base: int, pages: np.ndarray, decoder: _ClassicDe
     tag_at, tag_size = decoder.layout.pool_tag.offset, decoder.layout.pool_tag.size
     for page in pages.tolist():
         start = page * decoder.page_size
-        if not _printable_tag(data[start + tag_at : start + tag_at + tag_size]):
+        if not printable_tag(data[start + tag_at : start + tag_at + tag_size]):
             continue
         content = data[start : start + decoder.page_size]
         walk = classic.parse_page(content, base + start, decoder.layout, decoder.cookie)
         for finding in walk.findings:
             yield Finding(finding.address, f"pool page {base + start:#x}: {finding.reason}")
 
-
-def _printable_tag(tag: bytes) -> bool:
-    """Printable ASCII, ignoring the bit Windows 7 sets in the last byte of protected tags (object types)."""
-    return bool(tag) and all(32 <= byte < 127 for byte in tag[:-1]) and 32 <= (tag[-1] & 0x7F) < 127

@@ -19,10 +19,9 @@ from typing import Protocol
 import numpy as np
 from volatility3.framework import exceptions
 
-from volplugins.pool.kernel import Kernel
+from volplugins.pool.kernel import PAGE_SIZE, Kernel
 from volplugins.pool.model import Backing, Chunk, Finding, State, new_chunk
 
-PAGE_SIZE = 0x1000
 SEGMENT_HEAP_SIGNATURE = 0xDDEEDDEE
 PAGE_SEGMENT_KEY = 0xA2E64EADA2E64EAD  # mixed into _HEAP_PAGE_SEGMENT.Signature; zero from build 26100
 VS_SUBSEGMENT_KEY = 0x2BED  # _HEAP_VS_SUBSEGMENT.Signature ^ key == Size

@@ -27,11 +27,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
-from volplugins.pool.model import tag_text
+from volplugins.pool.tags import TAG_LENGTH, is_protected, tag_text, unprotected
 
 logger = logging.getLogger(__name__)
 
-TAG_LENGTH = 4
 ENVIRONMENT_VARIABLE = "VOLPOOL_POOLTAG_FILE"
 BUILTIN_SOURCE = "builtin"
 DRIVER_SCAN_SOURCE = "driver scan"
@@ -48,7 +47,6 @@ _BLANKS = " \t\r\n\f\v"
 # and a blank (or the end) after it, so dashes inside words ("x-ray") stay text.
 _SEPARATOR = re.compile(r"(?:^|(?<=[ \t]))-(?=[ \t]|$)")
 _REM_COMMENT = re.compile(r"rem(?:[ \t]|$)", re.IGNORECASE)
-_PROTECTED_BIT = 0x80
 
 
 @dataclass(frozen=True)
@@ -226,8 +224,8 @@ class TagDatabase:
 
     def _resolve(self, key: bytes) -> TagInfo | None:
         candidates = [key]
-        if key[-1] & _PROTECTED_BIT:
-            candidates.append(key[:-1] + bytes([key[-1] & ~_PROTECTED_BIT]))
+        if is_protected(key):
+            candidates.append(unprotected(key))
         entry = next((self._exact[tag] for tag in candidates if tag in self._exact), None)
         if entry is None:
             entry = next((found for found in map(self._best_pattern, candidates) if found), None)

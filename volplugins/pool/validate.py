@@ -14,22 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import bigpages, classic
-from .kernel import Kernel
+from . import bigpages
+from .kernel import PAGE_SIZE, Kernel
 from .model import Backing, Chunk, Finding, State
 from .scan import PoolScan
+from .tags import printable_tag
 
-PAGE_SIZE = 0x1000
-PROTECTED_TAG_BIT = 0x80  # Windows 7 marks object tags by setting the top bit of the last byte
 LIVE_STATES = (State.ALLOCATED, State.CACHED_FREE)
 SMALL_BACKINGS = (Backing.PAGE, Backing.VS, Backing.LFH)
-
-
-def printable_tag(tag: bytes) -> bool:
-    """Tags are four printable characters; the protected bit of the last byte is not part of the tag."""
-    if len(tag) != 4:
-        return False
-    return all(32 <= byte < 127 for byte in tag[:3] + bytes([tag[3] & ~PROTECTED_TAG_BIT & 0xFF]))
 
 
 def has_pool_header(chunk: Chunk) -> bool:
@@ -90,7 +82,7 @@ def validate(kernel: Kernel, scan: PoolScan) -> list[Finding]:
     """Everything wrong the scan met or these checks find, one finding per address, in address order."""
     return merge([
         *scan.findings,
-        *header_overruns(scan.chunks, classic.layer_page_size(kernel)),
+        *header_overruns(scan.chunks, kernel.page_size),
         *unprintable_tags(scan.chunks),
         *big_entry_overlaps(bigpages.big_allocations(kernel)),
     ])

@@ -20,14 +20,13 @@ from volatility3.framework.renderers import conversion, format_hints
 
 from volplugins.pool import bigpages, carve, freespace, plugin_options, regions, scan, validate
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import Backing, Chunk, State, tag_text
-from volplugins.pool.poolmon import TagPattern, compile_pattern
+from volplugins.pool.model import Backing, Chunk, State
 from volplugins.pool.tagdb import TagDatabase
+from volplugins.pool.tags import TagPattern, compile_pattern, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
 
 VIEWS = ("bigpages", "free-analysis", "carve", "validate", "coverage")
-PROTECTED_TAG_BIT = 0x80  # Windows 7 object tags: top bit of the last byte
 FREED = (State.FREE, State.CACHED_FREE)
 _FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
 
@@ -107,8 +106,7 @@ class ChunkFilter:
     def tag_matches(self, tag: bytes) -> bool:
         if not self.tags:
             return True
-        unprotected = tag[:3] + bytes([tag[3] & ~PROTECTED_TAG_BIT & 0xFF]) if len(tag) == 4 else tag
-        return any(pattern.matches(tag) or pattern.matches(unprotected) for pattern in self.tags)
+        return any(pattern.matches(tag) or pattern.matches(unprotected(tag)) for pattern in self.tags)
 
     def region_matches(self, region: str) -> bool:
         return self.region is None or region.lower().startswith(self.region)

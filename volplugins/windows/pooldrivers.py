@@ -12,9 +12,8 @@ from volatility3.framework.renderers import format_hints
 from volplugins.pool import plugin_options
 from volplugins.pool.driverscan import DriverScanResult, TagUse, scan_drivers
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import tag_text
-from volplugins.pool.poolmon import TagPattern, compile_pattern
 from volplugins.pool.tagdb import TagDatabase
+from volplugins.pool.tags import TagPattern, compile_pattern, tag_text
 
 vollog = logging.getLogger(__name__)
 

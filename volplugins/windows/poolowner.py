@@ -12,7 +12,7 @@ from volatility3.framework.renderers import format_hints
 from volplugins.pool import addresses, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import tag_text
+from volplugins.pool.tags import tag_text
 
 vollog = logging.getLogger(__name__)
 

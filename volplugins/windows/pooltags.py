@@ -12,7 +12,7 @@ from volatility3.framework.configuration import requirements
 from volplugins.pool import census, plugin_options, poolmon, scan
 from volplugins.pool.attribution import TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import tag_text
+from volplugins.pool.tags import compile_pattern, tag_text
 from volplugins.pool.tracker import tracker_rows
 
 vollog = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ class PoolTags(interfaces.plugins.PluginInterface):
         return tags
 
     def _filters(self) -> dict:
-        include = [poolmon.compile_pattern(text) for text in self.config.get("tag") or []]
-        exclude = [poolmon.compile_pattern(text) for text in self.config.get("exclude") or []]
+        include = [compile_pattern(text) for text in self.config.get("tag") or []]
+        exclude = [compile_pattern(text) for text in self.config.get("exclude") or []]
         pools = None
         if self.config.get("pool"):
             pools, unknown = poolmon.pool_columns(self.config["pool"])

@@ -14,7 +14,7 @@ import pytest
 from volatility3.framework import contexts, exceptions, interfaces
 from volatility3.framework.symbols.windows import WindowsKernelIntermedSymbols
 
-from volplugins.pool import bigpages, classic, regions, tracker
+from volplugins.pool import bigpages, classic, poolheader, regions, tracker
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Backing, State
 
@@ -115,8 +115,8 @@ GOOD = [(0x40, 0x02, b"Abcd"), (0x100, 0x00, b"Free"), (0x60, 0x03, b"Pgd "), (0
 
 
 def test_both_isf_layouts_decode_the_same_header(win7, win10):
-    win7_layout = classic.header_layout(win7[0])
-    win10_layout = classic.header_layout(win10[0])
+    win7_layout = poolheader.header_layout(win7[0])
+    win10_layout = poolheader.header_layout(win10[0])
     # Windows 7 declares one bitfield ULONG, Windows 10 bitfields of two USHORTs.
     block7, block10 = win7_layout.block_size, win10_layout.block_size
     assert (block7.offset, block7.size, block7.bit_position, block7.bit_length) == (0, 4, 16, 8)
@@ -133,7 +133,7 @@ def test_both_isf_layouts_decode_the_same_header(win7, win10):
 
 
 def test_pool_name_from_header_type(win10):
-    layout = classic.header_layout(win10[0])
+    layout = poolheader.header_layout(win10[0])
     assert [layout.pool_name(t) for t in (0, 0x02, 0x03, 0x06, 0x0A, 0x22, 0x23)] == [
         "", "NonPaged", "Paged", "NonPaged", "NonPaged", "Session", "Session"
     ]
@@ -144,7 +144,7 @@ def test_pool_name_from_header_type(win10):
 
 @pytest.mark.parametrize("flavor", ["win7", "win10"])
 def test_valid_chain_yields_every_chunk(flavor, request):
-    layout = classic.header_layout(request.getfixturevalue(flavor)[0])
+    layout = poolheader.header_layout(request.getfixturevalue(flavor)[0])
     walk = classic.parse_page(bytes(build_page(GOOD)), PAGE, layout)
     assert walk.complete and walk.findings == ()
     assert [(c.address - PAGE, c.size, c.previous_size, c.tag) for c in walk.chunks] == [
@@ -163,7 +163,7 @@ def test_valid_chain_yields_every_chunk(flavor, request):
 def test_broken_previous_size_reports_once_and_keeps_what_precedes(win10):
     page = build_page(GOOD)
     page[0x140] = 0x05  # PreviousSize of the third chunk: 0x50 instead of 0x100
-    walk = classic.parse_page(bytes(page), PAGE, classic.header_layout(win10[0]))
+    walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
     assert len(walk.findings) == 1
     assert walk.findings[0].address == PAGE + 0x140
     assert "PreviousSize 0x50" in walk.findings[0].reason
@@ -173,7 +173,7 @@ def test_broken_previous_size_reports_once_and_keeps_what_precedes(win10):
 def test_block_size_zero_stops_the_walk(win7):
     page = build_page(GOOD)
     page[0x40 + 2] = 0  # BlockSize of the second chunk
-    walk = classic.parse_page(bytes(page), PAGE, classic.header_layout(win7[0]))
+    walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win7[0]))
     assert [(f.address, f.reason) for f in walk.findings] == [(PAGE + 0x40, "BlockSize is 0")]
     assert [c.tag for c in walk.chunks] == [b"Abcd"]
 
@@ -181,38 +181,39 @@ def test_block_size_zero_stops_the_walk(win7):
 def test_first_previous_size_must_be_zero(win10):
     page = build_page(GOOD)
     page[0] = 1
-    walk = classic.parse_page(bytes(page), PAGE, classic.header_layout(win10[0]))
+    walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
     assert walk.chunks == () and [f.address for f in walk.findings] == [PAGE]
 
 
 def test_chunk_running_past_the_page_end(win10):
     page = build_page(GOOD)
     page[0x1A0 + 2] = 0xF0  # last chunk claims 0xF00 bytes from offset 0x1A0
-    walk = classic.parse_page(bytes(page), PAGE, classic.header_layout(win10[0]))
+    walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
     assert len(walk.chunks) == 3 and [f.address for f in walk.findings] == [PAGE + 0x1A0]
     assert "past the page end" in walk.findings[0].reason
 
 
 def test_quota_pointer_encoded_with_cookie_on_win10_plain_on_win7(win7, win10):
-    encoded = classic.header_layout(win10[0])
-    plain = classic.header_layout(win7[0])
+    encoded = poolheader.header_layout(win10[0])
+    plain = poolheader.header_layout(win7[0])
     header = PAGE + 0x40
-    assert classic.decode_quota(EPROCESS ^ COOKIE ^ header, header, encoded, COOKIE) == EPROCESS
-    assert classic.decode_quota(EPROCESS ^ COOKIE ^ header, header, encoded, None) is None
-    assert classic.decode_quota(EPROCESS, header, plain, None) == EPROCESS
-    assert classic.decode_quota(0, header, plain, None) is None
+    assert poolheader.decode_quota(EPROCESS ^ COOKIE ^ header, header, encoded, COOKIE) == EPROCESS
+    assert poolheader.decode_quota(EPROCESS ^ COOKIE ^ header, header, encoded, None) is None
+    assert poolheader.decode_quota(EPROCESS, header, plain, None) == EPROCESS
+    assert poolheader.decode_quota(0, header, plain, None) is None
 
 
 def test_walk_page_through_the_layer_decodes_quota(win10):
     kernel, layer = win10
-    page = build_page([(0x40, 0x02 | classic.QUOTA_BIT, b"Quot"), (0xFC0, 0x00, b"Free")])
+    page = build_page([(0x40, 0x02 | poolheader.QUOTA_BIT, b"Quot"), (0xFC0, 0x00, b"Free")])
     page[8:16] = (EPROCESS ^ COOKIE ^ PAGE).to_bytes(8, "little")
     layer.put(PAGE, bytes(page))
     layer.put(kernel.symbol_address("ExpPoolQuotaCookie"), COOKIE.to_bytes(8, "little"))
     walk = classic.walk_page(kernel, PAGE + 0x123)
     assert walk.page == PAGE and walk.complete
     assert walk.chunks[0].quota_process == EPROCESS and walk.chunks[1].quota_process is None
-    assert classic.decode_process_billed(kernel, PAGE, EPROCESS ^ COOKIE ^ PAGE) == EPROCESS
+    cookie = poolheader.quota_cookie(kernel)
+    assert poolheader.decode_quota(EPROCESS ^ COOKIE ^ PAGE, PAGE, poolheader.header_layout(kernel), cookie) == EPROCESS
     unreadable = classic.walk_page(kernel, PAGE + 0x10000)
     assert unreadable.chunks == () and len(unreadable.findings) == 1
 

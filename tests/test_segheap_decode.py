@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from volplugins.pool.kernel import FieldLayout
+from volplugins.pool.poolheader import decode
 from volplugins.pool.segheap import (
-    BitField,
     RangeKind,
     SegHeapLayout,
     classify_range,
     decode_lfh_offsets,
-    decode_pool_header,
     decode_vs_header,
     lfh_block_allocated,
     segment_context_of,
@@ -47,28 +47,28 @@ def test_layout_from_real_isf(path: Path) -> None:
     got = SegHeapLayout.from_isf(_load(path))
     assert got.unit == 0x10
     assert got.vs_header_size == 0x10
-    assert got.vs_header_bits == BitField(0, 8)
+    assert got.vs_header_bits == FieldLayout(0, 8)
     # UnsafeSize is bits 16..31 of the first ULONG; UnsafePrevSize and Allocated live in the second one.
-    assert got.vs_unsafe_size == BitField(0, 4, 16, 16)
-    assert got.vs_memory_cost == BitField(0, 4, 0, 16)
-    assert got.vs_unsafe_prev_size == BitField(4, 4, 0, 16)
-    assert got.vs_allocated == BitField(4, 4, 16, 8)
+    assert got.vs_unsafe_size == FieldLayout(0, 4, 16, 16)
+    assert got.vs_memory_cost == FieldLayout(0, 4, 0, 16)
+    assert got.vs_unsafe_prev_size == FieldLayout(4, 4, 0, 16)
+    assert got.vs_allocated == FieldLayout(4, 4, 16, 8)
     assert got.vs_subsegment_size == 0x28
-    assert got.vs_sub_size == BitField(0x20, 2)
-    assert got.vs_sub_signature == BitField(0x22, 2, 0, 15)
-    assert got.lfh_block_size == BitField(0, 2)
-    assert got.lfh_first_block_offset == BitField(2, 2)
-    assert got.pool_block_size == BitField(2, 2, 0, 8)
-    assert got.pool_type == BitField(2, 2, 8, 8)
-    assert got.pool_tag == BitField(4, 4)
-    assert got.pool_process_billed == BitField(8, 8)
+    assert got.vs_sub_size == FieldLayout(0x20, 2)
+    assert got.vs_sub_signature == FieldLayout(0x22, 2, 0, 15)
+    assert got.lfh_block_size == FieldLayout(0, 2)
+    assert got.lfh_first_block_offset == FieldLayout(2, 2)
+    assert got.pool.block_size == FieldLayout(2, 2, 0, 8)
+    assert got.pool.pool_type == FieldLayout(2, 2, 8, 8)
+    assert got.pool.pool_tag == FieldLayout(4, 4)
+    assert got.pool.process_billed == FieldLayout(8, 8)
 
 
 def test_bitfield_of_whole_word_matches_read_of_bytes() -> None:
-    field = BitField(4, 4, 16, 8)
+    field = FieldLayout(4, 4, 16, 8)
     word = 0x00AB_1234_5678_9ABC
     assert field.of(word) == 0xAB
-    assert field.read(word.to_bytes(8, "little")) == 0xAB
+    assert field.extract(word.to_bytes(8, "little")) == 0xAB
 
 
 def test_vs_header_decodes_what_was_encoded(layout: SegHeapLayout) -> None:
@@ -156,12 +156,12 @@ def test_big_vs_blocks_have_no_pool_header() -> None:
 def test_pool_header_decode(layout: SegHeapLayout) -> None:
     billed = 0xFFFF_9D0C_1122_3340
     data = bytes([0x00, 0x03, 0x25, 0x02]) + b"Proc" + billed.to_bytes(8, "little")
-    header = decode_pool_header(data, layout)
+    header = decode(data, layout.pool)
     assert header.previous_size == 0
     assert header.pool_index == 3
     assert header.block_size == 0x250
     assert header.pool_type == 2
     assert header.tag == b"Proc"
     assert header.process_billed == billed
-    shifted = decode_pool_header(b"\xff" * 16 + data, layout, base=16)
+    shifted = decode(b"\xff" * 16 + data, layout.pool, base=16)
     assert shifted == header

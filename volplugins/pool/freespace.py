@@ -25,12 +25,11 @@ from dataclasses import dataclass
 
 from volatility3.framework import exceptions
 
-from .classic import HeaderLayout, header_layout
 from .kernel import Kernel
 from .model import Backing, Chunk, State
+from .poolheader import IN_USE_BIT, HeaderLayout, decode, header_layout
 from .tags import printable_tag
 
-IN_USE_BIT = 2  # header PoolType of an allocated block (0 = free)
 STALE_SEARCH_LIMIT = 0x10000  # bytes of a free VS chunk searched for a stale pool header
 FREE_STATES = (State.FREE, State.CACHED_FREE)
 
@@ -109,8 +108,7 @@ def stale_tag(kernel: Kernel, chunk: Chunk) -> StaleTag:
     offset = stale_header_offset(data, layout)
     if offset is None:
         return StaleTag(b"", None)
-    start = offset + layout.pool_tag.offset
-    return StaleTag(bytes(data[start : start + layout.pool_tag.size]), chunk.address + offset)
+    return StaleTag(decode(data, layout, offset).tag, chunk.address + offset)
 
 
 def stale_header_offset(data: bytes, layout: HeaderLayout) -> int | None:
@@ -122,11 +120,8 @@ def stale_header_offset(data: bytes, layout: HeaderLayout) -> int | None:
     """
     unit = layout.unit
     for offset in range(2 * unit, len(data) - unit + 1, unit):
-        blocks = layout.block_size.extract(data, offset)
-        if (layout.previous_size.extract(data, offset) == 0 and blocks
-                and layout.pool_type.extract(data, offset) & IN_USE_BIT
-                and offset + blocks * unit <= len(data)):
-            start = offset + layout.pool_tag.offset
-            if printable_tag(bytes(data[start : start + layout.pool_tag.size])):
-                return offset
+        header = decode(data, layout, offset)
+        if (header.previous_size == 0 and header.block_size and header.pool_type & IN_USE_BIT
+                and offset + header.block_size <= len(data) and printable_tag(header.tag)):
+            return offset
     return None

@@ -6,7 +6,7 @@ this wrapper keeps the Volatility 3 calls for that in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -23,7 +23,7 @@ class FieldLayout:
 
     A plain record so decoders can run over raw bytes (a page, a whole table)
     without going back to the layer for every field.  Bitfields are read
-    unsigned; ``signed`` applies to whole fields only.
+    unsigned; ``signed`` applies to whole fields read from bytes only.
     """
 
     offset: int
@@ -36,13 +36,31 @@ class FieldLayout:
     def is_bitfield(self) -> bool:
         return self.bit_length is not None
 
+    @cached_property
+    def mask(self) -> int:
+        return (1 << (self.bit_length if self.bit_length is not None else self.size * 8)) - 1
+
+    @cached_property
+    def shift(self) -> int:
+        """Where the field starts in an integer holding the whole structure."""
+        return self.offset * 8 + self.bit_position
+
+    @property
+    def alone(self) -> "FieldLayout":
+        """The same bits, for a buffer that starts at the field's storage unit."""
+        return replace(self, offset=0)
+
+    def of(self, value: int) -> int:
+        """The field taken from an integer that holds the whole structure (e.g. a header read as one word)."""
+        return (value >> self.shift) & self.mask
+
     def extract(self, data: bytes, base: int = 0) -> int:
         """The field of the structure that starts at ``data[base]``."""
         start = base + self.offset
         value = int.from_bytes(data[start : start + self.size], "little", signed=self.signed and not self.is_bitfield)
         if self.bit_length is None:
             return value
-        return (value >> self.bit_position) & ((1 << self.bit_length) - 1)
+        return (value >> self.bit_position) & self.mask
 
     def column(self, data: bytes, count: int, stride: int) -> np.ndarray:
         """The field of ``count`` consecutive entries ``stride`` bytes apart (uint64, int64 if signed)."""
@@ -56,8 +74,47 @@ class FieldLayout:
         )
         values = raw.astype(np.int64 if signed else np.uint64)
         if self.bit_length is not None:
-            values = (values >> np.uint64(self.bit_position)) & np.uint64((1 << self.bit_length) - 1)
+            values = (values >> np.uint64(self.bit_position)) & np.uint64(self.mask)
         return values
+
+
+class IsfTypes:
+    """The symbol lookups of :class:`Kernel` over a loaded ISF JSON dict: decoders checked without an image."""
+
+    def __init__(self, isf: dict):
+        self._isf = isf
+
+    def _size(self, ref: dict) -> int:
+        kind = ref["kind"]
+        if kind in ("base", "pointer"):
+            return self._isf["base_types"][ref.get("name", "pointer")]["size"]
+        if kind == "array":
+            return ref["count"] * self._size(ref["subtype"])
+        if kind == "enum":
+            return self._isf["enums"][ref["name"]]["size"]
+        return self._isf["user_types"][ref["name"]]["size"]
+
+    def field_layout(self, type_name: str, field: str) -> FieldLayout:
+        offset, ref = 0, {"kind": "struct", "name": type_name}
+        for part in field.split("."):
+            member = self._isf["user_types"][ref["name"]]["fields"][part]
+            offset += member["offset"]
+            ref = member["type"]
+        if ref["kind"] == "bitfield":
+            return FieldLayout(offset, self._size(ref["type"]), ref["bit_position"], ref["bit_length"])
+        signed = ref["kind"] == "base" and bool(self._isf["base_types"][ref["name"]].get("signed"))
+        return FieldLayout(offset, self._size(ref), signed=signed)
+
+    def type_size(self, name: str) -> int:
+        if name == "pointer":
+            return self._isf["base_types"]["pointer"]["size"]
+        return self._isf["user_types"][name]["size"]
+
+    def has_symbol(self, name: str) -> bool:
+        return name in self._isf.get("symbols", {})
+
+    def enumeration(self, name: str) -> dict[str, int]:
+        return dict(self._isf.get("enums", {}).get(name, {}).get("constants", {}))
 
 
 def canonical(address: int, bits: int = 48) -> int:
@@ -111,6 +168,13 @@ class Kernel:
         Windows 7, USHORT bitfields later), so callers decode through this.
         """
         return _field_layout(self, type_name, field)
+
+    def enumeration(self, name: str) -> dict[str, int]:
+        """The constants of an enumeration of the kernel's ISF (empty when the ISF lacks it)."""
+        try:
+            return dict(self.module.get_enumeration(name).choices)
+        except exceptions.SymbolError:
+            return {}
 
     def array_count(self, type_name: str, field: str) -> int:
         """Element count of an array field (a top-level member of ``type_name``)."""

@@ -20,7 +20,6 @@ pages) and freed entries whose memory no walked chunk occupies now.
 from __future__ import annotations
 
 import bisect
-import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from volatility3.framework import exceptions
 
-from . import bigpages, classic, regions, segheap
+from . import bigpages, classic, poolheader, regions, segheap
 from .census import CensusRow, census
 from .kernel import PAGE_SIZE, FieldLayout, Kernel
 from .model import Backing, Chunk, Finding, State, new_chunk
@@ -41,7 +40,6 @@ Progress = Callable[[float, str], None]
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
 _SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)
 _WALK_STOPS = (*_SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
-_NX_DEFAULT = 0x200  # NonPagedPoolNx in wdm.h, for ISFs without the _POOL_TYPE enum
 _REGION_POOLS = {"Paged pool": "Paged", "Session pool": "Session"}
 _SKIPPED_REGIONS = ("Special pool",)  # one allocation per page at the page's end: no chunk chain to walk
 
@@ -127,24 +125,16 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> I
 # --------------------------------------------------------------------------- big page table
 
 
-@functools.lru_cache(maxsize=8)
-def _nx_bit(kernel: Kernel) -> int:
-    try:
-        return dict(kernel.module.get_enumeration("_POOL_TYPE").choices).get("NonPagedPoolNx", _NX_DEFAULT)
-    except exceptions.SymbolError:
-        return _NX_DEFAULT
-
-
 def _big_pool(kernel: Kernel, pool_type: int | None, region: str) -> str:
     """The pool a big allocation came from: its entry's PoolType, else the region it lies in."""
     if pool_type is None:
         return _REGION_POOLS.get(region, "NonPaged")
-    layout = classic.header_layout(kernel)
+    layout = poolheader.header_layout(kernel)
     if pool_type & layout.session_bit:
         return "Session"
     if pool_type & layout.paged_bit:
         return "Paged"
-    return "NonPagedNx" if pool_type & _nx_bit(kernel) else "NonPaged"
+    return "NonPagedNx" if pool_type & layout.nx_bit else "NonPaged"
 
 
 def big_chunk(kernel: Kernel, big: bigpages.BigAllocation, region: str = "") -> Chunk:
@@ -381,15 +371,15 @@ def _subtract(lo: int, hi: int, cut_lo: int, cut_hi: int) -> list[tuple[int, int
 class _ClassicDecoder:
     """What decoding classic pages needs, fixed for one kernel."""
 
-    layout: classic.HeaderLayout
+    layout: poolheader.HeaderLayout
     cookie: int | None
     page_size: int
     pool_names: dict[int, str]  # header PoolType -> pool, filled as types are met
 
     @classmethod
     def of(cls, kernel: Kernel) -> "_ClassicDecoder":
-        layout = classic.header_layout(kernel)
-        return cls(layout, classic.quota_cookie(kernel), kernel.page_size, {})
+        layout = poolheader.header_layout(kernel)
+        return cls(layout, poolheader.quota_cookie(kernel), kernel.page_size, {})
 
     def pool_name(self, pool_type: int) -> str:
         name = self.pool_names.get(pool_type)
@@ -504,7 +494,7 @@ def _classic_chunks(data: bytes, headers: _Headers, where: np.ndarray, base: int
     sizes = (headers.field(where, layout.block_size) * np.uint64(unit)).tolist()
     types = headers.field(where, layout.pool_type).tolist()
     tag_at, tag_size = layout.pool_tag.offset, layout.pool_tag.size
-    names, quota_bit = decoder.pool_names, classic.QUOTA_BIT
+    names, quota_bit = decoder.pool_names, poolheader.QUOTA_BIT
     free, allocated, page = State.FREE, State.ALLOCATED, Backing.PAGE
     for offset, size, previous_size, pool_type in zip(where.tolist(), sizes, previous, types):
         address = base + offset
@@ -514,8 +504,8 @@ def _classic_chunks(data: bytes, headers: _Headers, where: np.ndarray, base: int
             continue
         quota = None
         if pool_type & quota_bit:
-            raw = layout.process_billed.extract(data, offset)
-            quota = classic.decode_quota(raw, address, layout, decoder.cookie)
+            header = poolheader.decode(data, layout, offset)
+            quota = poolheader.charged_process(header, address, layout, decoder.cookie)
         yield new_chunk(address, size, previous_size, tag, allocated, page,
                         names.get(pool_type) or decoder.pool_name(pool_type), pool_type, address + unit, quota)
 

@@ -14,13 +14,14 @@ import enum
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 from volatility3.framework import exceptions
 
-from volplugins.pool.kernel import PAGE_SIZE, Kernel
+from volplugins.pool import poolheader
+from volplugins.pool.kernel import PAGE_SIZE, FieldLayout, IsfTypes, Kernel
 from volplugins.pool.model import Backing, Chunk, Finding, State, new_chunk
+from volplugins.pool.poolheader import HeaderLayout, PoolHeader, Symbols
 
 SEGMENT_HEAP_SIGNATURE = 0xDDEEDDEE
 PAGE_SEGMENT_KEY = 0xA2E64EADA2E64EAD  # mixed into _HEAP_PAGE_SEGMENT.Signature; zero from build 26100
@@ -33,9 +34,6 @@ RANGE_ALLOCATED = 0x1
 RANGE_FIRST = 0x2
 RANGE_VS = 0x4
 RANGE_SUBSEGMENT = 0x8
-
-POOL_QUOTA = 0x8  # POOL_TYPE bit: ProcessBilled holds the (encoded) charged process
-POOL_CACHE_ALIGNED = 0x4  # POOL_TYPE bit: the body may sit behind a second pool header
 
 HEAP_POOL_NAMES = ("NonPaged", "NonPagedNx", "Paged", "Paged")  # by index in PoolNode[i].Heaps / SpecialHeaps
 
@@ -63,166 +61,58 @@ def _reports_missing_symbols(walker):
 
 
 @dataclass(frozen=True)
-class BitField:
-    """Where a field lives: storage unit (byte offset and size) and the bits used inside it."""
-
-    offset: int
-    size: int
-    bit_position: int = 0
-    bit_length: int | None = None
-
-    @functools.cached_property
-    def mask(self) -> int:
-        return (1 << (self.bit_length if self.bit_length is not None else self.size * 8)) - 1
-
-    def read(self, data: bytes, base: int = 0) -> int:
-        start = base + self.offset
-        raw = int.from_bytes(data[start : start + self.size], "little")
-        return (raw >> self.bit_position) & self.mask
-
-    @property
-    def alone(self) -> "BitField":
-        """The same bits, for a buffer that starts at the field's storage unit."""
-        return replace(self, offset=0)
-
-    @functools.cached_property
-    def shift(self) -> int:
-        """Where the field starts in an integer holding the whole structure."""
-        return self.offset * 8 + self.bit_position
-
-    def of(self, value: int) -> int:
-        """The field taken from an integer that holds the whole structure (e.g. ``HeaderBits``)."""
-        return (value >> self.shift) & self.mask
-
-
-class _Types(Protocol):
-    def field(self, type_name: str, path: str) -> BitField: ...
-
-    def size(self, type_name: str) -> int: ...
-
-
-class _IsfTypes:
-    """Field lookups over a loaded ISF JSON dict (tests and tools without Volatility)."""
-
-    def __init__(self, isf: dict):
-        self._isf = isf
-
-    def _type_size(self, ref: dict) -> int:
-        kind = ref["kind"]
-        if kind == "base":
-            return self._isf["base_types"][ref["name"]]["size"]
-        if kind == "pointer":
-            return self._isf["base_types"]["pointer"]["size"]
-        if kind == "array":
-            return ref["count"] * self._type_size(ref["subtype"])
-        if kind == "enum":
-            return self._isf["enums"][ref["name"]]["size"]
-        return self._isf["user_types"][ref["name"]]["size"]
-
-    def field(self, type_name: str, path: str) -> BitField:
-        offset, ref = 0, {"kind": "struct", "name": type_name}
-        for part in path.split("."):
-            member = self._isf["user_types"][ref["name"]]["fields"][part]
-            offset += member["offset"]
-            ref = member["type"]
-        if ref["kind"] == "bitfield":
-            return BitField(offset, self._type_size(ref["type"]), ref["bit_position"], ref["bit_length"])
-        return BitField(offset, self._type_size(ref))
-
-    def size(self, type_name: str) -> int:
-        return self._isf["user_types"][type_name]["size"]
-
-
-class _KernelTypes:
-    """Field lookups through the image's kernel symbol table (nested structures resolved on the way)."""
-
-    def __init__(self, kernel: Kernel):
-        self._kernel = kernel
-
-    def field(self, type_name: str, path: str) -> BitField:
-        return _kernel_field(self._kernel, type_name, path)
-
-    def size(self, type_name: str) -> int:
-        return self._kernel.type_size(type_name)
-
-
-@functools.lru_cache(maxsize=1024)
-def _kernel_field(kernel: Kernel, type_name: str, path: str) -> BitField:
-    """Field lookups walk the symbol table; a whole-heap walk asks for the same few fields thousands of times."""
-    where = kernel.field_layout(type_name, path)
-    if where.bit_length is not None:
-        return BitField(where.offset, where.size, where.bit_position, where.bit_length)
-    return BitField(where.offset, where.size)
-
-
-def _offset(kernel: Kernel, type_name: str, path: str) -> int:
-    """Offset of a (dotted) field, following nested structures."""
-    return _KernelTypes(kernel).field(type_name, path).offset
-
-
-@dataclass(frozen=True)
 class SegHeapLayout:
     """The bits of the segment heap and pool header the decoders need, taken from one kernel's ISF."""
 
-    unit: int  # pool block unit: sizeof(_POOL_HEADER), 16 on x64
     vs_header_size: int  # sizeof(_HEAP_VS_CHUNK_HEADER)
-    vs_header_bits: BitField  # _HEAP_VS_CHUNK_HEADER.Sizes.HeaderBits, the encoded word
-    vs_memory_cost: BitField  # relative to _HEAP_VS_CHUNK_HEADER_SIZE
-    vs_unsafe_size: BitField
-    vs_unsafe_prev_size: BitField
-    vs_allocated: BitField
+    vs_header_bits: FieldLayout  # _HEAP_VS_CHUNK_HEADER.Sizes.HeaderBits, the encoded word
+    vs_memory_cost: FieldLayout  # relative to _HEAP_VS_CHUNK_HEADER_SIZE
+    vs_unsafe_size: FieldLayout
+    vs_unsafe_prev_size: FieldLayout
+    vs_allocated: FieldLayout
     vs_subsegment_size: int  # sizeof(_HEAP_VS_SUBSEGMENT)
-    vs_sub_size: BitField
-    vs_sub_signature: BitField
-    lfh_block_size: BitField  # relative to _HEAP_LFH_SUBSEGMENT_ENCODED_OFFSETS
-    lfh_first_block_offset: BitField
-    pool_previous_size: BitField
-    pool_index: BitField
-    pool_block_size: BitField
-    pool_type: BitField
-    pool_tag: BitField
-    pool_process_billed: BitField | None  # absent on x86
+    vs_sub_size: FieldLayout
+    vs_sub_signature: FieldLayout
+    lfh_block_size: FieldLayout  # relative to _HEAP_LFH_SUBSEGMENT_ENCODED_OFFSETS
+    lfh_first_block_offset: FieldLayout
+    pool: HeaderLayout
+
+    @property
+    def unit(self) -> int:
+        """The pool block unit: sizeof(_POOL_HEADER), 16 on x64."""
+        return self.pool.size
 
     @classmethod
     def from_isf(cls, isf: dict) -> "SegHeapLayout":
-        return _build_layout(_IsfTypes(isf))
+        return cls.from_symbols(IsfTypes(isf))
 
     @classmethod
     def from_kernel(cls, kernel: Kernel) -> "SegHeapLayout":
         return _layout(kernel)
 
-
-def _build_layout(types: _Types) -> SegHeapLayout:
-    size_type, offsets_type, pool = "_HEAP_VS_CHUNK_HEADER_SIZE", "_HEAP_LFH_SUBSEGMENT_ENCODED_OFFSETS", "_POOL_HEADER"
-    try:
-        billed = types.field(pool, "ProcessBilled")
-    except KeyError:
-        billed = None
-    return SegHeapLayout(
-        unit=types.size(pool),
-        vs_header_size=types.size("_HEAP_VS_CHUNK_HEADER"),
-        vs_header_bits=types.field("_HEAP_VS_CHUNK_HEADER", "Sizes.HeaderBits"),
-        vs_memory_cost=types.field(size_type, "MemoryCost"),
-        vs_unsafe_size=types.field(size_type, "UnsafeSize"),
-        vs_unsafe_prev_size=types.field(size_type, "UnsafePrevSize"),
-        vs_allocated=types.field(size_type, "Allocated"),
-        vs_subsegment_size=types.size("_HEAP_VS_SUBSEGMENT"),
-        vs_sub_size=types.field("_HEAP_VS_SUBSEGMENT", "Size"),
-        vs_sub_signature=types.field("_HEAP_VS_SUBSEGMENT", "Signature"),
-        lfh_block_size=types.field(offsets_type, "BlockSize"),
-        lfh_first_block_offset=types.field(offsets_type, "FirstBlockOffset"),
-        pool_previous_size=types.field(pool, "PreviousSize"),
-        pool_index=types.field(pool, "PoolIndex"),
-        pool_block_size=types.field(pool, "BlockSize"),
-        pool_type=types.field(pool, "PoolType"),
-        pool_tag=types.field(pool, "PoolTag"),
-        pool_process_billed=billed,
-    )
+    @classmethod
+    def from_symbols(cls, symbols: Symbols) -> "SegHeapLayout":
+        size_type, offsets_type = "_HEAP_VS_CHUNK_HEADER_SIZE", "_HEAP_LFH_SUBSEGMENT_ENCODED_OFFSETS"
+        field = symbols.field_layout
+        return cls(
+            vs_header_size=symbols.type_size("_HEAP_VS_CHUNK_HEADER"),
+            vs_header_bits=field("_HEAP_VS_CHUNK_HEADER", "Sizes.HeaderBits"),
+            vs_memory_cost=field(size_type, "MemoryCost"),
+            vs_unsafe_size=field(size_type, "UnsafeSize"),
+            vs_unsafe_prev_size=field(size_type, "UnsafePrevSize"),
+            vs_allocated=field(size_type, "Allocated"),
+            vs_subsegment_size=symbols.type_size("_HEAP_VS_SUBSEGMENT"),
+            vs_sub_size=field("_HEAP_VS_SUBSEGMENT", "Size"),
+            vs_sub_signature=field("_HEAP_VS_SUBSEGMENT", "Signature"),
+            lfh_block_size=field(offsets_type, "BlockSize"),
+            lfh_first_block_offset=field(offsets_type, "FirstBlockOffset"),
+            pool=HeaderLayout.from_symbols(symbols),
+        )
 
 
 @functools.lru_cache(maxsize=8)
 def _layout(kernel: Kernel) -> SegHeapLayout:
-    return _build_layout(_KernelTypes(kernel))
+    return SegHeapLayout.from_symbols(kernel)
 
 
 # --------------------------------------------------------------------------- pure decoders
@@ -298,32 +188,6 @@ def classify_range(flags: int) -> RangeKind | None:
     if flags & RANGE_SUBSEGMENT:
         return RangeKind.VS if flags & RANGE_VS else RangeKind.LFH
     return RangeKind.LARGE
-
-
-@dataclass(frozen=True)
-class PoolHeader:
-    """A decoded ``_POOL_HEADER``; sizes in bytes."""
-
-    previous_size: int
-    pool_index: int
-    block_size: int
-    pool_type: int
-    tag: bytes
-    process_billed: int | None
-
-
-def decode_pool_header(data: bytes, layout: SegHeapLayout, base: int = 0) -> PoolHeader:
-    tag = layout.pool_tag
-    billed = layout.pool_process_billed
-    header = int.from_bytes(data[base : base + layout.unit], "little")  # one conversion, every field from it
-    return PoolHeader(
-        previous_size=layout.pool_previous_size.of(header) * layout.unit,
-        pool_index=layout.pool_index.of(header),
-        block_size=layout.pool_block_size.of(header) * layout.unit,
-        pool_type=layout.pool_type.of(header),
-        tag=bytes(data[base + tag.offset : base + tag.offset + tag.size]),
-        process_billed=billed.of(header) if billed is not None else None,
-    )
 
 
 def vs_free_tag(raw_header: bytes, layout: SegHeapLayout) -> bytes:
@@ -434,9 +298,9 @@ def _pointer(kernel: Kernel, address: int) -> int | None:
 
 def _field(kernel: Kernel, base: int, type_name: str, path: str) -> int | None:
     """One field of the structure at ``base``, read with the width and bits the ISF gives it."""
-    where = _KernelTypes(kernel).field(type_name, path)
+    where = kernel.field_layout(type_name, path)
     data = _read(kernel, base + where.offset, where.size)
-    return None if data is None else where.alone.read(data)
+    return None if data is None else where.alone.extract(data)
 
 
 @functools.lru_cache(maxsize=16)
@@ -464,7 +328,7 @@ def heap_keys(kernel: Kernel) -> HeapKeys | Finding:
             address: int | None = kernel.symbol_address("RtlpHpHeapGlobals")
         else:
             pointer_at = kernel.symbol_address("ExPoolState")
-            pointer_at += _offset(kernel, "_EX_POOL_HEAP_MANAGER_STATE", "HeapManager.Globals")
+            pointer_at += kernel.field_offset("_EX_POOL_HEAP_MANAGER_STATE", "HeapManager.Globals")
             address = _pointer(kernel, pointer_at)
         if address is None:
             return Finding(0, "RtlpHpHeapGlobals: pointer in ExPoolState unreadable")
@@ -503,7 +367,7 @@ def pool_heaps(kernel: Kernel) -> list[PoolHeap | Finding]:
         special_base = state + kernel.field_offset(state_type, "SpecialHeaps")
         special_count = _array_count(kernel, state_type, "SpecialHeaps")
         pointer = _pointer_size(kernel)
-        _offset(kernel, "_SEGMENT_HEAP", "Signature")
+        kernel.field_offset("_SEGMENT_HEAP", "Signature")
     except _SYMBOLS_MISSING as error:
         return [Finding(0, f"pool heaps: kernel symbols lack {error}")]
     if pools_count is None:
@@ -582,7 +446,6 @@ def seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
 
 def _seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
     heap_type, ctx_type = "_SEGMENT_HEAP", "_HEAP_SEG_CONTEXT"
-    types = _KernelTypes(kernel)
     first = heap.address + kernel.field_offset(heap_type, "SegContexts")
     size = kernel.type_size(ctx_type)
     out: list[SegContext | Finding] = []
@@ -593,7 +456,7 @@ def _seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
             out.append(Finding(address, "_HEAP_SEG_CONTEXT unreadable"))
             continue
         names = ("SegmentMask", "UnitShift", "FirstDescriptorIndex", "MaxAllocationSize")
-        out.append(SegContext(address, heap, index, *(types.field(ctx_type, name).read(data) for name in names)))
+        out.append(SegContext(address, heap, index, *(kernel.field_layout(ctx_type, name).extract(data) for name in names)))
     return out
 
 
@@ -643,8 +506,8 @@ def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Ite
             yield keys
             return
         heap_key = keys.heap_key
-    head_offset = _offset(kernel, "_HEAP_SEG_CONTEXT", "SegmentListHead.Flink")
-    link_offset = _offset(kernel, "_HEAP_PAGE_SEGMENT", "ListEntry.Flink")
+    head_offset = kernel.field_offset("_HEAP_SEG_CONTEXT", "SegmentListHead.Flink")
+    link_offset = kernel.field_offset("_HEAP_PAGE_SEGMENT", "ListEntry.Flink")
     for context in seg_contexts(kernel, heap):
         if isinstance(context, Finding):
             yield context
@@ -677,24 +540,23 @@ class _Descriptors:
 
     data: bytes
     size: int
-    flags: BitField
-    unit_size: BitField
-    unit_offset: BitField
-    signature: BitField
+    flags: FieldLayout
+    unit_size: FieldLayout
+    unit_offset: FieldLayout
+    signature: FieldLayout
 
     def entry(self, index: int) -> tuple[int, int, int, int]:
         base = index * self.size
         return (
-            self.flags.read(self.data, base),
-            self.unit_size.read(self.data, base),
-            self.unit_offset.read(self.data, base),
-            self.signature.read(self.data, base),
+            self.flags.extract(self.data, base),
+            self.unit_size.extract(self.data, base),
+            self.unit_offset.extract(self.data, base),
+            self.signature.extract(self.data, base),
         )
 
 
 def _descriptors(kernel: Kernel, segment: Segment) -> _Descriptors | Finding:
     desc_type = "_HEAP_PAGE_RANGE_DESCRIPTOR"
-    types = _KernelTypes(kernel)
     count = _array_count(kernel, "_HEAP_PAGE_SEGMENT", "DescArray")
     size = kernel.type_size(desc_type)
     start = segment.address + kernel.field_offset("_HEAP_PAGE_SEGMENT", "DescArray")
@@ -704,10 +566,10 @@ def _descriptors(kernel: Kernel, segment: Segment) -> _Descriptors | Finding:
     return _Descriptors(
         data,
         size,
-        types.field(desc_type, "RangeFlags"),
-        types.field(desc_type, "UnitSize"),
-        types.field(desc_type, "UnitOffset"),
-        types.field(desc_type, "TreeSignature"),
+        kernel.field_layout(desc_type, "RangeFlags"),
+        kernel.field_layout(desc_type, "UnitSize"),
+        kernel.field_layout(desc_type, "UnitOffset"),
+        kernel.field_layout(desc_type, "TreeSignature"),
     )
 
 
@@ -774,32 +636,23 @@ class _Walk:
     layout: SegHeapLayout
     pool: str
     cached: frozenset[int]
+    cookie: int | None  # ExpPoolQuotaCookie, for quota charges
 
     @classmethod
     def of(cls, kernel: Kernel, pool: str, cached: frozenset[int]) -> "_Walk":
-        return cls(kernel, _Pages(kernel), _layout(kernel), pool, cached)
+        return cls(kernel, _Pages(kernel), _layout(kernel), pool, cached, poolheader.quota_cookie(kernel))
 
     def field(self, base: int, type_name: str, path: str) -> int | None:
-        where = _KernelTypes(self.kernel).field(type_name, path)
+        where = self.kernel.field_layout(type_name, path)
         data = self.pages.read(base + where.offset, where.size)
-        return None if data is None else where.alone.read(data)
-
-
-def _quota_process(walk: _Walk, header: PoolHeader, header_address: int) -> int | None:
-    """ProcessBilled of a quota charge is ``header address ^ ExpPoolQuotaCookie ^ process``."""
-    if not header.pool_type & POOL_QUOTA or not header.process_billed:
-        return None
-    cookie = _global(walk.kernel, "ExpPoolQuotaCookie", _pointer_size(walk.kernel))
-    if cookie is None:
-        return None
-    return header.process_billed ^ cookie ^ header_address
+        return None if data is None else where.alone.extract(data)
 
 
 def _body(walk: _Walk, header: PoolHeader, address: int) -> int:
     """The caller's body; a cache-aligned block may carry a second header whose PreviousSize points back here."""
-    unit = walk.layout.unit
+    unit, aligned = walk.layout.unit, walk.layout.pool.cache_aligned_bit
     plain = address + unit
-    if not header.pool_type & POOL_CACHE_ALIGNED:
+    if not header.pool_type & aligned:
         return plain
     cache_line = _global(walk.kernel, "ExpCacheLineSize", 4)
     if not cache_line:
@@ -811,8 +664,8 @@ def _body(walk: _Walk, header: PoolHeader, address: int) -> int:
         data = walk.pages.read(candidate, unit)
         if data is None:
             break
-        second = decode_pool_header(data, walk.layout)
-        if second.previous_size == step * unit and second.tag == header.tag and second.pool_type & POOL_CACHE_ALIGNED:
+        second = poolheader.decode(data, walk.layout.pool)
+        if second.previous_size == step * unit and second.tag == header.tag and second.pool_type & aligned:
             return candidate + unit
     return plain
 
@@ -830,12 +683,12 @@ def _pool_chunk(
     if data is None:
         state = State.UNREADABLE if allocated else State.FREE
         return Chunk(address, size or 0, 0, b"", state, backing, walk.pool)
-    header = decode_pool_header(data, walk.layout)
+    header = poolheader.decode(data, walk.layout.pool)
     state, body, quota = State.FREE, None, None
     if allocated:
         body = _body(walk, header, address)
         state = State.CACHED_FREE if _cached(walk.cached, heap_block, address, body) else State.ALLOCATED
-        quota = _quota_process(walk, header, address)
+        quota = poolheader.charged_process(header, address, walk.layout.pool, walk.cookie)
     return Chunk(
         address=address,
         size=header.block_size if size is None else size,
@@ -857,8 +710,8 @@ def _vs_walk(walk: _Walk, subsegment: int, heap_key: int) -> Iterator[tuple[Chun
     if head is None:
         yield Finding(subsegment, "VS subsegment header unreadable"), subsegment, subsegment
         return
-    size = layout.vs_sub_size.read(head)
-    signature = layout.vs_sub_signature.read(head)
+    size = layout.vs_sub_size.extract(head)
+    signature = layout.vs_sub_signature.extract(head)
     if not vs_subsegment_signature_ok(size, signature):
         problem = f"VS subsegment signature {signature:#x} does not match size {size:#x}"
         yield Finding(subsegment, problem), subsegment, subsegment
@@ -875,7 +728,7 @@ def _vs_walk(walk: _Walk, subsegment: int, heap_key: int) -> Iterator[tuple[Chun
         if raw is None:
             yield Finding(chunk, "VS chunk header unreadable"), chunk, chunk
             return
-        header = decode_vs_header(layout.vs_header_bits.read(raw), chunk, heap_key, layout)
+        header = decode_vs_header(layout.vs_header_bits.extract(raw), chunk, heap_key, layout)
         problem = None
         if header.size < layout.vs_header_size:
             problem = f"VS chunk size {header.size:#x} too small"
@@ -913,11 +766,8 @@ def _vs_walk_span(walk: _Walk, span: tuple[bytes, int], chunk: int, end: int,
     size_shift, size_mask = layout.vs_unsafe_size.shift, layout.vs_unsafe_size.mask
     back_shift, back_mask = layout.vs_unsafe_prev_size.shift, layout.vs_unsafe_prev_size.mask
     busy_shift, busy_mask = layout.vs_allocated.shift, layout.vs_allocated.mask
-    type_shift, type_mask = layout.pool_type.shift, layout.pool_type.mask
-    previous_shift, previous_mask = layout.pool_previous_size.shift, layout.pool_previous_size.mask
-    block_shift, block_mask = layout.pool_block_size.shift, layout.pool_block_size.mask
-    tag_at, tag_end = layout.pool_tag.offset, layout.pool_tag.offset + layout.pool_tag.size
-    special = POOL_CACHE_ALIGNED | POOL_QUOTA
+    pool_layout, decode = layout.pool, poolheader.decode
+    special = pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT
     cached, pool, span_end = walk.cached, walk.pool, base + len(data)
     free, allocated, cached_free, vs = State.FREE, State.ALLOCATED, State.CACHED_FREE, Backing.VS
     previous: int | None = None
@@ -947,16 +797,15 @@ def _vs_walk_span(walk: _Walk, span: tuple[bytes, int], chunk: int, end: int,
             where = address - base
             header = None
             if vs_block_has_pool_header(heap_block, chunk_end - heap_block, unit) and address + unit <= span_end:
-                header = int.from_bytes(data[where : where + unit], "little")
-            if header is None or header >> type_shift & type_mask & special:
+                header = decode(data, pool_layout, where)
+            if header is None or header.pool_type & special:
                 yield _vs_allocated(walk, chunk, chunk_end), chunk, chunk_end
             else:
                 body = address + unit
                 state = cached_free if cached and (heap_block in cached or address in cached or body in cached) \
                     else allocated
-                yield new_chunk(address, (header >> block_shift & block_mask) * unit,
-                                (header >> previous_shift & previous_mask) * unit, data[where + tag_at : where + tag_end],
-                                state, vs, pool, header >> type_shift & type_mask, body), chunk, chunk_end
+                yield new_chunk(address, header.block_size, header.previous_size, header.tag,
+                                state, vs, pool, header.pool_type, body), chunk, chunk_end
         previous = size
         chunk = chunk_end
 
@@ -1052,26 +901,23 @@ def _lfh_blocks_at(
         for offset, busy in zip(offsets, allocated):
             yield _pool_chunk(walk, subsegment + offset, Backing.LFH, busy, subsegment + offset, block_size)
         return
-    type_shift, type_mask = layout.pool_type.shift, layout.pool_type.mask
-    previous_shift, previous_mask = layout.pool_previous_size.shift, layout.pool_previous_size.mask
-    tag_at, tag_end = layout.pool_tag.offset, layout.pool_tag.offset + layout.pool_tag.size
-    special = POOL_CACHE_ALIGNED | POOL_QUOTA  # bodies and charges that need the full decode
+    pool_layout, decode = layout.pool, poolheader.decode
+    special = pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT  # bodies and charges that need the full decode
     cached, pool = walk.cached, walk.pool
     free, lfh = State.FREE, Backing.LFH
     for offset, busy in zip(offsets, allocated):
-        address, at = subsegment + offset, lead + offset
-        header = int.from_bytes(buffer[at : at + unit], "little")
-        kind = header >> type_shift & type_mask
+        address = subsegment + offset
+        header = decode(buffer, pool_layout, lead + offset)
+        kind = header.pool_type
         if busy and kind & special:
             yield _pool_chunk(walk, address, Backing.LFH, True, address, block_size)
             continue
-        previous = (header >> previous_shift & previous_mask) * unit
         if not busy:
-            yield new_chunk(address, block_size, previous, buffer[at + tag_at : at + tag_end], free, lfh, pool, kind)
+            yield new_chunk(address, block_size, header.previous_size, header.tag, free, lfh, pool, kind)
             continue
         body = address + unit
         state = State.CACHED_FREE if cached and (address in cached or body in cached) else State.ALLOCATED
-        yield new_chunk(address, block_size, previous, buffer[at + tag_at : at + tag_end], state, lfh, pool, kind, body)
+        yield new_chunk(address, block_size, header.previous_size, header.tag, state, lfh, pool, kind, body)
 
 
 def _plausible_lfh_offsets(
@@ -1144,11 +990,11 @@ def range_chunks(
 # --------------------------------------------------------------------------- lookasides and delay-free lists
 
 
-def _slist_entries(kernel: Kernel, header: bytes, base: int, next_entry: BitField) -> Iterator[int]:
+def _slist_entries(kernel: Kernel, header: bytes, base: int, next_entry: FieldLayout) -> Iterator[int]:
     """Entries of an x64 ``_SLIST_HEADER``: ``HeaderX64.NextEntry`` holds the first entry's address >> 4,
     each ``_SLIST_ENTRY.Next`` the full address of the next."""
-    link = _offset(kernel, "_SLIST_ENTRY", "Next")
-    entry = next_entry.read(header, base) << next_entry.bit_position
+    link = kernel.field_offset("_SLIST_ENTRY", "Next")
+    entry = next_entry.extract(header, base) << next_entry.bit_position
     seen: set[int] = set()
     while entry and entry not in seen and len(seen) < MAX_SLIST_ENTRIES:
         seen.add(entry)
@@ -1163,7 +1009,7 @@ def cached_free_addresses(kernel: Kernel) -> frozenset[int]:
         "_EX_POOL_HEAP_MANAGER_STATE", "_EX_HEAP_POOL_NODE", "_RTL_DYNAMIC_LOOKASIDE", "_RTL_LOOKASIDE",
     )
     try:
-        next_entry = _KernelTypes(kernel).field("_SLIST_HEADER", "HeaderX64.NextEntry")
+        next_entry = kernel.field_layout("_SLIST_HEADER", "HeaderX64.NextEntry")
         state = kernel.symbol_address("ExPoolState")
         pools_count = _field(kernel, state, state_type, "NumberOfPools") or 0
         node_base = state + kernel.field_offset(state_type, "PoolNode")
@@ -1175,7 +1021,7 @@ def cached_free_addresses(kernel: Kernel) -> frozenset[int]:
         bucket_count = _array_count(kernel, dyn_type, "Buckets")
         la_size = kernel.type_size(la_type)
         list_head = kernel.field_offset(la_type, "ListHead")
-        delay_free = _offset(kernel, "_SEGMENT_HEAP", "VsContext.DelayFreeContext.ListHead")
+        delay_free = kernel.field_offset("_SEGMENT_HEAP", "VsContext.DelayFreeContext.ListHead")
     except _SYMBOLS_MISSING:
         return frozenset()
     found: set[int] = set()

@@ -131,4 +131,51 @@ WIN10_1809 = Flavor(
     },
 )
 
-FLAVORS = {flavor.name: flavor for flavor in (WIN10_19041, WIN7_SP1, WIN11_22000, WIN10_1809)}
+WIN10_18362 = Flavor(
+    name="win10-18362",
+    isf_file="35A038B1F6E2E8CAF642111E6EC66F57-1.json.xz",
+    major=10,
+    minor=0,
+    build=18362,
+    nt_major=10,
+    nt_minor=0,
+    segment_heap=True,
+    self_map_index=0x1B6,
+    kernel_base=0xFFFFF8033C400000,
+    regions={
+        "NonPagedPool": (0xFFFF8C0000000000, 0x100_0000_0000),
+        "PagedPool": (0xFFFFA48000000000, 0x100_0000_0000),
+        "Session": (0xFFFFF48000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFF9A0000000000, 0x10_0000_0000),
+        "KernelStacks": (0xFFFFB80000000000, 0x10_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFC18000000000, 0x10_0000_0000),
+    },
+)
+
+SRV2022_20348 = Flavor(
+    name="srv2022-20348",
+    isf_file="879AD95F3461091BB6318FA98072AD8E-1.json.xz",
+    major=10,
+    minor=0,
+    build=20348,
+    nt_major=10,
+    nt_minor=0,
+    segment_heap=True,
+    self_map_index=0x14F,
+    kernel_base=0xFFFFF80722200000,
+    regions={
+        "NonPagedPool": (0xFFFFC30000000000, 0x100_0000_0000),
+        "PagedPool": (0xFFFFAE0000000000, 0x100_0000_0000),
+        "Session": (0xFFFFF38000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFFBF0000000000, 0x10_0000_0000),
+        "KernelStacks": (0xFFFF9F8000000000, 0x10_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFE08000000000, 0x10_0000_0000),
+    },
+)
+
+FLAVORS = {
+    flavor.name: flavor
+    for flavor in (WIN10_19041, WIN7_SP1, WIN11_22000, WIN10_1809, WIN10_18362, SRV2022_20348)
+}

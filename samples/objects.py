@@ -27,22 +27,27 @@ CREATOR_AND_NAME = 0x03
 
 # Object types in index order from 2 (0 and 1 are never types), as the modeled builds number them.
 # Readers walk ObTypeIndexTable up to the first empty slot, so the table is dense as on a real system.
+WIN10_TYPES = (
+    "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
+    "IoCompletionReserve", "ActivityReference", "PsSiloContextPaged", "PsSiloContextNonPaged", "DebugObject",
+    "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer", "Profile", "KeyedEvent", "WindowStation",
+    "Desktop", "Composition", "RawInputManager", "CoreMessaging", "ActivationObject", "TpWorkerFactory",
+    "Adapter", "Controller", "Device", "Driver", "IoCompletion", "WaitCompletionPacket", "File",
+)
+# Windows Server 2022 and Windows 11 add the process and thread state change types.
+STATE_CHANGE_TYPES = (
+    "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
+    "IoCompletionReserve", "ActivityReference", "ProcessStateChange", "ThreadStateChange", "PsSiloContextPaged",
+    "PsSiloContextNonPaged", "DebugObject", "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer",
+    "Profile", "KeyedEvent", "WindowStation", "Desktop", "Composition", "RawInputManager", "CoreMessaging",
+    "ActivationObject", "TpWorkerFactory", "Adapter", "Controller", "Device", "Driver", "IoCompletion",
+    "WaitCompletionPacket", "File",
+)
 TYPE_NAMES = {
-    "win10-19041": (
-        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
-        "IoCompletionReserve", "ActivityReference", "PsSiloContextPaged", "PsSiloContextNonPaged", "DebugObject",
-        "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer", "Profile", "KeyedEvent", "WindowStation",
-        "Desktop", "Composition", "RawInputManager", "CoreMessaging", "ActivationObject", "TpWorkerFactory",
-        "Adapter", "Controller", "Device", "Driver", "IoCompletion", "WaitCompletionPacket", "File",
-    ),
-    "win11-22000": (
-        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
-        "IoCompletionReserve", "ActivityReference", "ProcessStateChange", "ThreadStateChange", "PsSiloContextPaged",
-        "PsSiloContextNonPaged", "DebugObject", "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer",
-        "Profile", "KeyedEvent", "WindowStation", "Desktop", "Composition", "RawInputManager", "CoreMessaging",
-        "ActivationObject", "TpWorkerFactory", "Adapter", "Controller", "Device", "Driver", "IoCompletion",
-        "WaitCompletionPacket", "File",
-    ),
+    "win10-19041": WIN10_TYPES,
+    "win10-18362": WIN10_TYPES,
+    "win11-22000": STATE_CHANGE_TYPES,
+    "srv2022-20348": STATE_CHANGE_TYPES,
     "win10-1809": (
         "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
         "IoCompletionReserve", "ActivityReference", "PsSiloContextPaged", "PsSiloContextNonPaged", "DebugObject",

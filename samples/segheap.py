@@ -1,4 +1,4 @@
-"""Kernel pool of segment-heap builds (Windows 10 2004 build 19041, Windows 11 21H2 22000), as the kernel lays it out.
+"""Kernel pool of segment-heap builds (Windows 10 1903 to 2004, Server 2022, Windows 11 21H2), as the kernel lays it out.
 
 :class:`SegmentHeapPools` writes the heap manager state (``RtlpHpHeapGlobals``,
 ``ExPoolState`` with one pool node of four ``_SEGMENT_HEAP``), segments with

@@ -13,18 +13,20 @@ import pytest
 from volatility3.framework import interfaces
 
 from samples.build import build_image
+from samples.flavors import FLAVORS as FLAVOR_SPECS
 from volplugins.pool import freespace, validate
 from volplugins.pool.bigpages import BigAllocation
 from volplugins.pool.model import Backing, Chunk, State
+from conftest import FLAVORS
 from volrun import VolSession, cli_json
 
 PLUGIN = "windows.poolcensus.PoolCensus"
-CORRUPTIONS = {
-    "win10-19041": ("overflow", "bad-size", "bad-vs-header", "bad-tag"),
-    "win7-sp1": ("overflow", "bad-size", "bad-tag"),
-    "win11-22000": ("overflow", "bad-size", "bad-vs-header", "bad-tag"),
-    "win10-1809": ("overflow", "bad-size", "bad-tag"),
-}
+CLASSIC_CORRUPTIONS = ("overflow", "bad-size", "bad-tag")
+SEGMENT_HEAP_CORRUPTIONS = ("overflow", "bad-size", "bad-vs-header", "bad-tag")
+
+
+def corruptions_of(flavor: str) -> tuple[str, ...]:
+    return SEGMENT_HEAP_CORRUPTIONS if FLAVOR_SPECS[flavor].segment_heap else CLASSIC_CORRUPTIONS
 
 
 DEFAULTS = {"tag": [], "free": False, "allocated": False, "min-size": None, "max-size": None, "big": False,
@@ -180,11 +182,12 @@ def test_a_clean_image_validates_clean(sample):
     assert scan_rows(sample, validate=True) == []
 
 
-@pytest.mark.parametrize("flavor", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_validate_reports_each_corruption_and_nothing_else(flavor, tmp_path, cache_dir):
-    result = build_image(flavor, seed=3, size=32 << 20, out_dir=tmp_path, chunks=1500, corrupt=CORRUPTIONS[flavor])
+    kinds = corruptions_of(flavor)
+    result = build_image(flavor, seed=3, size=32 << 20, out_dir=tmp_path, chunks=1500, corrupt=kinds)
     corruptions = json.loads(result.manifest_path.read_text())["extras"]["corruptions"]
-    assert [c["kind"] for c in corruptions] == list(CORRUPTIONS[flavor])
+    assert [c["kind"] for c in corruptions] == list(kinds)
     rows = VolSession(result.image_path, cache_dir).rows(PLUGIN, **(DEFAULTS | {"validate": True}))
     assert sorted(row["Address"] for row in rows) == sorted(c["address"] for c in corruptions)
     assert all(row["Reason"] and row["Region"].endswith("pool") for row in rows)

@@ -1,32 +1,40 @@
-"""Side-by-side timings of the suite's census against Volatility 3's own scanner and a plain read.
+"""Side-by-side timings of the suite against Volatility 3's own scanner and a plain read of the image.
 
-    python bench/run.py                      # 256 MiB and 1 GiB images of both flavors
+    python bench/run.py                      # 256 MiB, 1 GiB and 4 GiB images of every flavor
     python bench/run.py --sizes 1G --flavors win7-sp1 --repeat 3
 
 For each flavor and size it builds a sample image (unless present, in a child process), then runs, one
 after the other on the same image: Volatility 3's ``windows.poolscanner``, the suite's full census
-(``windows.pooltags --scan``), a plain sequential read of the image file, ``windows.info`` and a
-``windows.poolowner --address`` lookup.  Each Volatility run is a separate process (JSON renderer, output
-discarded), timed from start to exit, with its own peak resident memory; ``--repeat N`` keeps the fastest
-of N runs.  It prints the ratios the project tracks, on whole-process times and net of the cost every
-Volatility process pays before a plugin runs (startup, automagic, symbol loading: what ``windows.info``
-costs, since that plugin itself does almost nothing):
+(``windows.pooltags --scan``), a plain sequential read of the image file, ``windows.info``, a
+``windows.poolowner --address`` lookup and a ``windows.poolowner --address-file`` run over 10,000
+addresses taken from the image's manifest.  Each Volatility run is a separate process (JSON renderer,
+output discarded), timed from start to exit, with its own peak resident memory; ``--repeat N`` keeps the
+fastest of N runs.  "Net" times subtract what every Volatility process pays before a plugin runs
+(startup, automagic, symbol loading: what ``windows.info`` costs, since that plugin itself does almost
+nothing).
 
-* census / poolscanner   (target: <= 0.1, i.e. at least 10x faster)
-* census / plain read    (target: <= 5)
-* poolowner / info       (target: <= 1.2: the lookup itself costs almost nothing)
-* census peak memory     (target: < 600 MiB for 1 GiB, flat as images grow)
-* census time growth from the smallest to the largest image (target: linear or better)
+It prints one table row per image and then the targets the project tracks, each marked met or missed:
+
+* census >= 20x faster than poolscanner net of startup and >= 5x whole-process, on 1 GiB images;
+  >= 10x whole-process on the largest images (4 GiB);
+* census net of startup <= 2x a plain sequential read of the image;
+* census time (net of startup) linear or better in image size; census peak memory < 300 MiB at every size;
+* poolowner over 10,000 addresses <= 3 s beyond startup on 1 GiB images.
+
+The figures go to a JSON file and a PNG chart (time against image size, one line per tool and one panel
+per flavor; the chart needs matplotlib, the ``bench`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,12 +44,32 @@ from samples.__main__ import parse_size  # noqa: E402
 
 SEED = 1
 READ_BLOCK = 16 << 20
+ADDRESSES = 10_000
+FLAVORS = ["win10-19041", "win11-22000", "win10-1809", "win7-sp1"]
+TOOLS = ("poolscanner", "census", "read", "info", "poolowner", "owner-file")
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
 class Measure:
     seconds: float
     peak_mib: float | None  # None: measured in the benchmark's own process
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float
+    limit: float
+    at_most: bool  # the value must stay at or below the limit (else at or above it)
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+    def line(self) -> str:
+        verdict = "met" if self.met else f"MISSED by {abs(self.value - self.limit) / self.limit:.0%}"
+        return f"  {self.name:<58} {self.value:8.2f}  {'<=' if self.at_most else '>='} {self.limit:<6g} {verdict}"
 
 
 def run_vol(image: Path, cache: Path, *arguments: str) -> Measure:
@@ -82,16 +110,27 @@ def best(runs: int, measure) -> Measure:
     return Measure(min(m.seconds for m in taken), max(peaks) if peaks else None)
 
 
-def lookup_address(manifest: Path) -> str:
-    """The body of lsass.exe's process object: a typical lookup, found in every flavor's manifest.
+_PICK_ADDRESSES = """
+import json, random, sys
+manifest = json.load(open(sys.argv[1]))
+lsass = next(o['body'] for o in manifest['objects'] if o['type'] == 'Process' and o['name'] == 'lsass.exe')
+allocations = manifest['allocations']
+chosen = random.Random(1).choices(allocations, k=int(sys.argv[3]))
+with open(sys.argv[2], 'w') as out:
+    out.writelines(f"{a['address'] + a['size'] // 2:#x}\\n" for a in chosen)
+print(hex(lsass))
+"""
+
+
+def lookup_addresses(manifest: Path, file: Path) -> str:
+    """The body of lsass.exe's process object (a typical single lookup, in every flavor's manifest), and
+    ``file`` filled with the middles of 10,000 allocations drawn from the manifest (a pipeline's batch).
 
     Read in a child process: a 1 GiB image's manifest takes a hundred MiB once parsed, which would then
     show in every later child's peak memory.
     """
-    script = ("import json, sys; objects = json.load(open(sys.argv[1]))['objects']; "
-              "print(hex(next(o['body'] for o in objects if o['type'] == 'Process' and o['name'] == 'lsass.exe')))")
-    return subprocess.run([sys.executable, "-c", script, str(manifest)], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run([sys.executable, "-c", _PICK_ADDRESSES, str(manifest), str(file), str(ADDRESSES)],
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def image_for(flavor: str, size: int, out: Path) -> tuple[Path, Path]:
@@ -108,61 +147,146 @@ def image_for(flavor: str, size: int, out: Path) -> tuple[Path, Path]:
 def bench_image(flavor: str, size: int, out: Path, cache: Path, repeat: int) -> dict[str, Measure]:
     image, manifest = image_for(flavor, size, out)
     run_vol(image, cache, "windows.info")  # warm the symbol cache and the page cache
-    address = lookup_address(manifest)
-    results = {
+    batch = image.with_suffix(".addresses")
+    address = lookup_addresses(manifest, batch)
+    return {
         "poolscanner": best(repeat, lambda: run_vol(image, cache, "windows.poolscanner")),
         "census": best(repeat, lambda: run_vol(image, cache, "windows.pooltags", "--scan")),
         "read": best(repeat, lambda: plain_read(image)),
         "info": best(repeat, lambda: run_vol(image, cache, "windows.info")),
         "poolowner": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address", address)),
+        "owner-file": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch))),
     }
-    report(flavor, size, results)
-    return results
 
 
-def report(flavor: str, size: int, results: dict[str, Measure]) -> None:
-    print(f"\n{flavor}, {size >> 20} MiB image", flush=True)
-    for name, measure in results.items():
-        peak = f"peak {measure.peak_mib:7.0f} MiB" if measure.peak_mib is not None else "(in the benchmark process)"
-        print(f"  {name:<12} {measure.seconds:8.2f} s   {peak}")
-    seconds = {name: measure.seconds for name, measure in results.items()}
-    startup = seconds["info"]
-    net = {name: max(seconds[name] - startup, 1e-3) for name in ("poolscanner", "census", "poolowner")}
-    census, scanner, read = seconds["census"], seconds["poolscanner"], seconds["read"]
-    print("  ratio                  whole process         net of Volatility's startup (info)")
-    print(f"  census / poolscanner   {census / scanner:6.3f} ({scanner / census:5.1f}x faster)   "
-          f"{net['census'] / net['poolscanner']:6.3f} ({net['poolscanner'] / net['census']:5.1f}x faster)"
-          "   target >= 10x")
-    print(f"  census / plain read    {census / read:6.2f}                 {net['census'] / read:6.2f}"
-          "                      target <= 5")
-    print(f"  poolowner / info       {seconds['poolowner'] / startup:6.2f}                 "
-          f"(lookup itself {net['poolowner']:.2f} s)        target <= 1.2")
-    print(f"  census peak memory     {results['census'].peak_mib:6.0f} MiB"
-          f"             (info: {results['info'].peak_mib:.0f} MiB)       target < 600 MiB at 1 GiB", flush=True)
+def net(results: dict[str, Measure], tool: str) -> float:
+    """A tool's time beyond Volatility's startup (``windows.info``), never below a millisecond."""
+    return max(results[tool].seconds - results["info"].seconds, 1e-3)
+
+
+def table(runs: dict[tuple[str, int], dict[str, Measure]]) -> list[str]:
+    """One row per image: seconds per tool, census ratios and peak memory."""
+    lines = [f"{'flavor':<12} {'size':>6} {'info':>6} {'poolscan':>8} {'census':>7} {'read':>6} {'owner':>6} "
+             f"{'10k own':>7} | {'vs poolscan':>11} {'net':>6} {'net/read':>8} {'10k net':>7} {'peak MiB':>8}"]
+    for (flavor, size), results in runs.items():
+        seconds = {tool: results[tool].seconds for tool in TOOLS}
+        lines.append(
+            f"{flavor:<12} {_size(size):>6} {seconds['info']:6.2f} {seconds['poolscanner']:8.2f} "
+            f"{seconds['census']:7.2f} {seconds['read']:6.2f} {seconds['poolowner']:6.2f} {seconds['owner-file']:7.2f} | "
+            f"{seconds['poolscanner'] / seconds['census']:10.1f}x {net(results, 'poolscanner') / net(results, 'census'):5.1f}x "
+            f"{net(results, 'census') / seconds['read']:8.2f} {net(results, 'owner-file'):7.2f} "
+            f"{results['census'].peak_mib:8.0f}")
+    return lines
+
+
+def targets(runs: dict[tuple[str, int], dict[str, Measure]]) -> list[Target]:
+    found: list[Target] = []
+    largest = max(size for _, size in runs)
+    for (flavor, size), results in runs.items():
+        where = f"{flavor} {_size(size)}"
+        whole = results["poolscanner"].seconds / results["census"].seconds
+        if size == GIB:
+            found.append(Target(f"{where}: census vs poolscanner, net of startup (x)",
+                                net(results, "poolscanner") / net(results, "census"), 20, False))
+            found.append(Target(f"{where}: census vs poolscanner, whole process (x)", whole, 5, False))
+            found.append(Target(f"{where}: poolowner, 10,000 addresses beyond startup (s)",
+                                net(results, "owner-file"), 3, True))
+        if size == largest and size > GIB:
+            found.append(Target(f"{where}: census vs poolscanner, whole process (x)", whole, 10, False))
+        found.append(Target(f"{where}: census net of startup / plain read",
+                            net(results, "census") / results["read"].seconds, 2, True))
+        found.append(Target(f"{where}: census peak memory (MiB)", results["census"].peak_mib, 300, True))
+    for flavor in dict.fromkeys(flavor for flavor, _ in runs):
+        sizes = sorted(size for name, size in runs if name == flavor)
+        if len(sizes) > 1:
+            small, large = runs[(flavor, sizes[0])], runs[(flavor, sizes[-1])]
+            growth = net(large, "census") / net(small, "census")
+            found.append(Target(f"{flavor}: census net time growth {_size(sizes[0])} -> {_size(sizes[-1])} (x)",
+                                growth, sizes[-1] / sizes[0], True))
+    return found
+
+
+def _size(size: int) -> str:
+    return f"{size >> 30}G" if size >= GIB and size % GIB == 0 else f"{size >> 20}M"
+
+
+def write_json(path: Path, runs: dict[tuple[str, int], dict[str, Measure]], found: list[Target]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+        "runs": [{"flavor": flavor, "size": size, "tools": {tool: asdict(m) for tool, m in results.items()}}
+                 for (flavor, size), results in runs.items()],
+        "targets": [asdict(target) | {"met": target.met} for target in found],
+    }
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def draw_chart(path: Path, runs: dict[tuple[str, int], dict[str, Measure]]) -> bool:
+    """Time against image size, one line per tool, one panel per flavor; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    flavors = list(dict.fromkeys(flavor for flavor, _ in runs))
+    columns = min(len(flavors), 2)
+    rows = -(-len(flavors) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows), squeeze=False)
+    labels = {"poolscanner": "windows.poolscanner", "census": "pooltags --scan (census)", "read": "plain read",
+              "info": "windows.info (startup)", "poolowner": "poolowner, 1 address",
+              "owner-file": "poolowner, 10,000 addresses"}
+    for panel, flavor in zip(axes.flat, flavors):
+        sizes = sorted(size for name, size in runs if name == flavor)
+        for tool in TOOLS:
+            panel.plot([size >> 20 for size in sizes], [runs[(flavor, size)][tool].seconds for size in sizes],
+                       marker="o", label=labels[tool])
+        panel.set_xscale("log", base=2)
+        panel.set_yscale("log")
+        panel.set_xticks([size >> 20 for size in sizes], [_size(size) for size in sizes])
+        panel.set_title(flavor)
+        panel.set_xlabel("image size")
+        panel.set_ylabel("seconds (whole process)")
+        panel.grid(True, which="both", alpha=0.3)
+    for panel in list(axes.flat)[len(flavors):]:
+        panel.axis("off")
+    axes.flat[0].legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flavors", nargs="+", default=["win10-19041", "win7-sp1"], help="flavors to measure")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[256 << 20, 1 << 30],
-                        help="image sizes (default: 256M 1G)")
+    parser.add_argument("--flavors", nargs="+", default=FLAVORS, help="flavors to measure (default: all four)")
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[256 << 20, GIB, 4 * GIB],
+                        help="image sizes (default: 256M 1G 4G)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "images", help="where images are built")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the fastest is kept")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "benchmark.json",
+                        help="where the figures are written")
+    parser.add_argument("--chart", type=Path, default=ROOT / "bench" / "results" / "benchmark.png",
+                        help="where the chart is drawn")
     args = parser.parse_args(argv)
     cache = args.out / "volcache"
     cache.mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple[str, int], dict[str, Measure]] = {}
     for flavor in args.flavors:
-        runs = {size: bench_image(flavor, size, args.out, cache, max(args.repeat, 1)) for size in sorted(args.sizes)}
-        small, large = min(runs), max(runs)
-        if small != large:
-            factor = large / small
-            census = {size: runs[size]["census"].seconds - runs[size]["info"].seconds for size in (small, large)}
-            growth = runs[large]["census"].seconds / runs[small]["census"].seconds
-            net_growth = max(census[large], 1e-3) / max(census[small], 1e-3)
-            memory = runs[large]["census"].peak_mib / runs[small]["census"].peak_mib
-            print(f"\n{flavor}: for a x{factor:.0f} larger image, census time x{growth:.2f} (net of startup "
-                  f"x{net_growth:.2f}; linear or better: <= {factor:.0f}), peak memory x{memory:.2f} (flat: ~1)",
-                  flush=True)
+        for size in sorted(args.sizes):
+            runs[(flavor, size)] = bench_image(flavor, size, args.out, cache, max(args.repeat, 1))
+            print("\n".join(table({(flavor, size): runs[(flavor, size)]})[1:]), flush=True)
+    found = targets(runs)
+    print("\nSeconds per whole process; net = beyond windows.info (Volatility's startup); 10k = poolowner "
+          "--address-file with 10,000 addresses\n")
+    print("\n".join(table(runs)))
+    print("\nTargets")
+    print("\n".join(target.line() for target in found))
+    write_json(args.json, runs, found)
+    drawn = draw_chart(args.chart, runs)
+    print(f"\nfigures: {args.json}" + (f"; chart: {args.chart}" if drawn else "; no chart (matplotlib missing)"))
     return 0
 
 

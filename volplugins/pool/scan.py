@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from volatility3.framework import exceptions
 
-from . import bigpages, classic, poolheader, regions, segheap
+from . import bigpages, classic, poolheader, regions, segheap, translate
 from .census import CensusRow, census
 from .kernel import PAGE_SIZE, FieldLayout, Kernel
 from .model import Backing, Chunk, Finding, State, new_chunk
@@ -326,8 +326,8 @@ def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
 
 
 def _mapping(kernel: Kernel, start: int, size: int) -> Iterator[tuple[int, int, int, int, str]]:
-    """Translation is Volatility 3's: its layer skips whole missing page-table levels, so sparse regions are cheap."""
-    yield from kernel.layer.mapping(start, size, ignore_errors=True)
+    """The layer's own mapping, computed from the page tables in bulk (see :mod:`.translate`)."""
+    return translate.mapping(kernel.context, kernel.layer_name, start, size)
 
 
 def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> bytes | None:

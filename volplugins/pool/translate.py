@@ -1,0 +1,244 @@
+"""Virtual-to-physical translation of whole kernel ranges, read from the page tables in bulk.
+
+Volatility 3 translates one page at a time in Python (a dozen calls per 4 KiB page), which costs more
+than reading and decoding the pool itself.  This module answers the same question for a whole range at
+once: it starts from what Volatility's layer stack already chose (the kernel layer's DTB and the layer
+under it, which may itself be a crash dump, LiME or other segmented layer), reads each page-table page
+once through that lower layer and decodes its 512 entries with numpy.
+
+It mirrors exactly what Volatility's ``WindowsIntel32e`` layer does, quirks included, so that results
+never depend on which path ran:
+
+* an entry counts as present when its Valid bit is set, or when it is a transition entry (bit 11) that
+  is not a prototype entry (bit 10): Windows keeps such pages' frames, and Volatility reads them;
+  prototype and pagefile entries are refused;
+* a page-directory-pointer or page-directory entry with the PS bit maps a 1 GiB or 2 MiB page (its PAT
+  bit cleared), whatever its Valid bit says, and the page is then present or not as above;
+* a page-table page whose 512 entries are all the same is treated as absent (Volatility's guard against
+  the identical filler tables of Windows 10);
+* frame numbers keep the low 45 bits of an entry (Volatility's mask for Windows, which carries flags
+  above them in transition entries);
+* a page (or the part of a large page a request covers) counts only when the layer below holds all of
+  its bytes.
+
+Any other top layer (32-bit, PAE, Linux or Mac layers, a layer with swap files attached) is translated by
+the layer itself: :func:`mapping` then simply passes the request on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+from volatility3.framework import exceptions, interfaces
+from volatility3.framework.layers import intel, physical
+
+from .kernel import PAGE_SIZE
+
+ENTRIES = 512
+VIRTUAL_BITS = 48
+_LEVEL_SHIFTS = (39, 30, 21, 12)  # PML4, PDPT, PD, PT: the address bits each level's index starts at
+_LARGE_LEVELS = (False, True, True, False)  # levels whose entries may map a page themselves (PS bit)
+_VALID = 1
+_LARGE = 1 << 7  # PS
+_LARGE_PAT = 1 << 12  # PAT bit of a large page entry, cleared before the frame is taken
+_PROTOTYPE = 1 << 10
+_TRANSITION = 1 << 11
+_WINDOW = 1 << 30  # address span walked at once for a small request
+_PAGEFILES = 16  # pagefile numbers a software entry can hold (four bits)
+
+Mapping = tuple[int, int, int, int, str]  # (address, length, physical address, length, layer name): as the layer
+
+
+class PageTables:
+    """The page tables of one Windows x64 kernel layer, read from the layer under it and kept once read."""
+
+    def __init__(self, context: interfaces.context.ContextInterface, layer: intel.Intel):
+        self._context = context
+        self.physical_name: str = layer.config["memory_layer"]
+        frame_mask = ((1 << layer._maxphyaddr) - 1) & ~(PAGE_SIZE - 1)
+        self._frame_mask = np.uint64(frame_mask)
+        self._root = layer.config["page_map_offset"] & frame_mask
+        self._tables: dict[int, np.ndarray | None] = {}
+        self._walked: list[tuple[int, int, tuple[np.ndarray, ...]]] = []  # windows walked, with their pages
+        self._bounds = _plain_bounds(context.layers[self.physical_name])
+
+    # -- reading tables ------------------------------------------------------
+    def _table(self, address: int) -> np.ndarray | None:
+        """The 512 entries of the table at physical ``address``, None when unreadable or all alike."""
+        if address in self._tables:
+            return self._tables[address]
+        try:
+            data = self._context.layers.read(self.physical_name, address, PAGE_SIZE)
+        except exceptions.InvalidAddressException:
+            table = None
+        else:
+            table = np.frombuffer(data, dtype="<u8")
+            if (table == table[0]).all():
+                table = None
+        self._tables[address] = table
+        return table
+
+    # -- walking -------------------------------------------------------------
+    def leaves(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pages mapped in the 48-bit range [start, end): their first address, size and frame base.
+
+        Pages are listed whole (a large page may begin before ``start``), in address order.
+        """
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._walk(self._root, 0, 0, start, end, found)
+        if not found:
+            empty = np.zeros(0, dtype=np.uint64)
+            return empty, empty, empty
+        pages, sizes, frames = (np.concatenate(column) for column in zip(*found))
+        order = np.argsort(pages, kind="stable")  # large pages were listed before the tables beside them
+        return pages[order], sizes[order], frames[order]
+
+    def _walk(self, table_address: int, level: int, base: int, start: int, end: int,
+              found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        table = self._table(table_address)
+        if table is None:
+            return
+        shift = _LEVEL_SHIFTS[level]
+        first = max(start - base, 0) >> shift
+        last = min((end - 1 - base) >> shift, ENTRIES - 1)
+        entries = table[first : last + 1]
+        indices = np.arange(first, last + 1, dtype=np.uint64)
+        addresses = np.uint64(base) + (indices << np.uint64(shift))
+        if _LARGE_LEVELS[level]:
+            large = (entries & np.uint64(_LARGE)) != 0
+            if large.any():
+                pages = entries[large]
+                pages = np.where(pages & np.uint64(_LARGE_PAT), pages - np.uint64(_LARGE_PAT), pages)
+                self._add_leaves(addresses[large], pages, shift, found)
+            entries, addresses = entries[~large], addresses[~large]
+        if level == len(_LEVEL_SHIFTS) - 1:
+            self._add_leaves(addresses, entries, shift, found)
+            return
+        present = _present(entries)
+        frames = (entries[present] & self._frame_mask).tolist()
+        for below, child in zip(addresses[present].tolist(), frames):
+            self._walk(child, level + 1, below, start, end, found)
+
+    def _add_leaves(self, addresses: np.ndarray, entries: np.ndarray, shift: int,
+                    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        present = _present(entries)
+        if present.any():
+            sizes = np.full(int(present.sum()), 1 << shift, dtype=np.uint64)
+            found.append((addresses[present], sizes, entries[present] & self._frame_mask))
+        if len(found) > 64:  # keep the pieces few: one concatenation per walk, not one per table
+            found[:] = [tuple(np.concatenate(column) for column in zip(*found))]
+
+    # -- the layer's mapping ---------------------------------------------------
+    def mapping(self, start: int, size: int) -> list[Mapping]:
+        """What ``layer.mapping(start, size, ignore_errors=True)`` yields, computed from the tables in bulk."""
+        if size <= 0:
+            return []
+        low = start & ((1 << VIRTUAL_BITS) - 1)
+        prefix = start - low  # the caller's (canonical) numbering of the same addresses
+        end = min(low + size, 1 << VIRTUAL_BITS)
+        pages, sizes, frames = self._covering(low, end)
+        if not len(pages):
+            return []
+        offsets, lengths, targets = _clipped(pages, sizes, frames, low, end)
+        keep = self._readable(targets, lengths)
+        if not keep.all():
+            offsets, lengths, targets = offsets[keep], lengths[keep], targets[keep]
+            if not len(offsets):
+                return []
+        joined = np.flatnonzero((offsets[1:] != offsets[:-1] + lengths[:-1])
+                                | (targets[1:] != targets[:-1] + lengths[:-1])) + 1
+        firsts = np.concatenate(([0], joined))
+        run_lengths = np.add.reduceat(lengths, firsts)
+        name = self.physical_name
+        return [(prefix + offset, length, target, length, name) for offset, length, target in
+                zip(offsets[firsts].tolist(), run_lengths.tolist(), targets[firsts].tolist())]
+
+    def _covering(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pages of [start, end), from a window walked earlier when one holds the range.
+
+        Walks go by whole 1 GiB windows: a pool walk asks for thousands of small ranges close together,
+        and one walk of the window around the first serves the rest.
+        """
+        for low, high, leaves in reversed(self._walked):
+            if low <= start and end <= high:
+                break
+        else:
+            low = start & ~(_WINDOW - 1)
+            high = min(-(-end // _WINDOW) * _WINDOW, 1 << VIRTUAL_BITS)
+            pages, sizes, frames = self.leaves(low, high)
+            leaves = (pages, sizes, frames, pages + sizes)
+            self._walked.append((low, high, leaves))
+        pages, sizes, frames, ends = leaves
+        first = int(np.searchsorted(ends, np.uint64(start), side="right"))
+        last = int(np.searchsorted(pages, np.uint64(end), side="left"))
+        return pages[first:last], sizes[first:last], frames[first:last]
+
+    def _readable(self, targets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Which physical pieces the layer below holds in full (its ``is_valid``)."""
+        if self._bounds is not None:
+            low, high = self._bounds
+            return (targets >= np.uint64(low)) & (targets + lengths - np.uint64(1) <= np.uint64(high))
+        below = self._context.layers[self.physical_name]
+        return np.array([below.is_valid(target, length) for target, length in
+                         zip(targets.tolist(), lengths.tolist())], dtype=bool)
+
+
+def _present(entries: np.ndarray) -> np.ndarray:
+    """Windows' notion of a usable entry: Valid, or in transition and not a prototype."""
+    valid = (entries & np.uint64(_VALID)) != 0
+    transition = (entries & np.uint64(_TRANSITION | _PROTOTYPE)) == np.uint64(_TRANSITION)
+    return valid | transition
+
+
+def _clipped(pages: np.ndarray, sizes: np.ndarray, frames: np.ndarray, start: int,
+             end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The part of each page inside [start, end), and where it starts physically.
+
+    The physical start is the frame base ORed with the offset into the page, as the layer computes it.
+    """
+    offsets = np.maximum(pages, np.uint64(start))
+    lengths = np.minimum(pages + sizes, np.uint64(end)) - offsets
+    targets = frames | (offsets & (sizes - np.uint64(1)))
+    return offsets, lengths, targets
+
+
+def _plain_bounds(layer: interfaces.layers.DataLayerInterface) -> tuple[int, int] | None:
+    """The address bounds of a file or buffer layer, whose ``is_valid`` is a bounds check; None for others."""
+    if type(layer) in (physical.FileLayer, physical.BufferDataLayer):
+        return layer.minimum_address, layer.maximum_address
+    return None
+
+
+def handles(layer: interfaces.layers.DataLayerInterface) -> bool:
+    """Whether :class:`PageTables` reproduces this layer's translation: a Windows x64 layer, no swap files.
+
+    The layer sends a pagefile entry to the swap layer its config names for the entry's pagefile number;
+    without one the page is simply unreadable, as here.
+    """
+    if type(layer) is not intel.WindowsIntel32e:
+        return False
+    return not any(layer.config.get(interfaces.configuration.path_join("swap_layers", f"swap_layers{number}"))
+                   for number in range(_PAGEFILES))
+
+
+@lru_cache(maxsize=8)
+def _tables_of(context: interfaces.context.ContextInterface, layer_name: str) -> PageTables | None:
+    layer = context.layers[layer_name]
+    return PageTables(context, layer) if handles(layer) else None
+
+
+def page_tables(context: interfaces.context.ContextInterface, layer_name: str) -> PageTables | None:
+    """The bulk translator of a layer (kept for the context's lifetime), or None when the layer must translate."""
+    return _tables_of(context, layer_name)
+
+
+def mapping(context: interfaces.context.ContextInterface, layer_name: str, start: int,
+            size: int) -> Iterator[Mapping]:
+    """``layer.mapping(start, size, ignore_errors=True)``, in bulk when the layer is one this module reproduces."""
+    tables = page_tables(context, layer_name)
+    if tables is None:
+        yield from context.layers[layer_name].mapping(start, size, ignore_errors=True)
+    else:
+        yield from tables.mapping(start, size)

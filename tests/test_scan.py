@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from volplugins.pool import scan, segheap
+from volplugins.pool import owner, scan, segheap
 from volplugins.pool.model import Backing, Chunk, State
 from volplugins.pool.tags import tag_text
 
@@ -187,3 +187,24 @@ def test_quota_charges_and_bodies_match_the_manifest(sample):
     if sample.segment_heap:  # classic chunks name the first byte after the header as body
         live = [a for a in sample.manifest["allocations"] if a["state"] != "Free" and a["backing"] in ("VS", "LFH")]
         assert [by_address[a["address"]].body for a in live] == [a["body"] for a in live]
+
+
+def _walked(chunk: Chunk) -> bool:
+    """A chunk both the census and the owner lookup take from the pool walk itself (not the big page table)."""
+    headerless = chunk.pool_type is None and chunk.state is not State.FREE and not chunk.tag
+    return chunk.backing in (Backing.PAGE, Backing.VS, Backing.LFH) and not headerless
+
+
+def test_owner_lookup_and_census_agree_chunk_for_chunk(sample):
+    """Every pool page the census walked lists, through the owner lookup, the very chunks the census has."""
+    census: dict[int, list[Chunk]] = collections.defaultdict(list)
+    for chunk in scanned(sample).chunks:
+        if _walked(chunk):
+            census[chunk.address & ~(PAGE - 1)].append(chunk)
+    kernel, differing = sample.kernel, []
+    for page, chunks in sorted(census.items()):
+        answer = owner.find_owner(kernel, chunks[0].address)
+        listed = [c for c in answer.chunks if c.address & ~(PAGE - 1) == page and _walked(c)]
+        if listed != chunks:
+            differing.append((hex(page), chunks, listed))
+    assert len(census) > 50 and differing == []

@@ -41,13 +41,15 @@ class PageWalk:
         return next((chunk for chunk in self.chunks if chunk.contains(address)), None)
 
 
-def parse_page(data: bytes, page_address: int, layout: HeaderLayout, cookie: int | None = None) -> PageWalk:
+def parse_page(data: bytes, page_address: int, layout: HeaderLayout, cookie: int | None = None,
+               region_pool: str = "") -> PageWalk:
     """Walk the chunk chain of one pool page given its bytes (the page is ``len(data)`` long).
 
     Stops at the first broken link (first PreviousSize not 0, PreviousSize not
     the previous BlockSize, BlockSize 0, chunk running past the page end) with
     exactly one finding at that header; the chunks before it are returned.
-    ``cookie`` is ``ExpPoolQuotaCookie`` for decoding quota pointers.
+    ``cookie`` is ``ExpPoolQuotaCookie`` for decoding quota pointers; ``region_pool`` the pool of the
+    region holding the page, which names free chunks (their header keeps no PoolType).
     """
     page_size = len(data)
     unit = layout.unit
@@ -61,7 +63,7 @@ def parse_page(data: bytes, page_address: int, layout: HeaderLayout, cookie: int
         problem = _link_problem(offset, previous, expected_previous, blocks, unit, page_size)
         if problem:
             return PageWalk(page_address, tuple(chunks), (Finding(address, problem),))
-        chunks.append(_chunk(data, offset, address, layout, cookie))
+        chunks.append(_chunk(data, offset, address, layout, cookie, region_pool))
         expected_previous = blocks
         offset += blocks * unit
     return PageWalk(page_address, tuple(chunks), ())
@@ -84,7 +86,8 @@ def _link_problem(offset: int, previous: int, expected: int, blocks: int, unit: 
     return ""
 
 
-def _chunk(data: bytes, offset: int, address: int, layout: HeaderLayout, cookie: int | None) -> Chunk:
+def _chunk(data: bytes, offset: int, address: int, layout: HeaderLayout, cookie: int | None,
+           region_pool: str) -> Chunk:
     header = poolheader.decode(data, layout, offset)
     allocated = header.pool_type != 0
     return Chunk(
@@ -94,19 +97,19 @@ def _chunk(data: bytes, offset: int, address: int, layout: HeaderLayout, cookie:
         tag=header.tag,
         state=State.ALLOCATED if allocated else State.FREE,
         backing=Backing.PAGE,
-        pool=layout.pool_name(header.pool_type),
+        pool=layout.pool_name(header.pool_type) if allocated else region_pool,
         pool_type=header.pool_type,
         body=address + layout.size if allocated else None,
         quota_process=poolheader.charged_process(header, address, layout, cookie) if allocated else None,
     )
 
 
-def walk_page(kernel: Kernel, page_address: int) -> PageWalk:
-    """Walk the classic pool page holding ``page_address`` (any address inside it)."""
+def walk_page(kernel: Kernel, page_address: int, region_pool: str = "") -> PageWalk:
+    """Walk the classic pool page holding ``page_address`` (any address inside it); see :func:`parse_page`."""
     size = kernel.page_size
     page = page_address - page_address % size
     try:
         data = kernel.read(page, size)
     except exceptions.InvalidAddressException:
         return PageWalk(page, (), (Finding(page, "pool page is not readable"),))
-    return parse_page(data, page, poolheader.header_layout(kernel), poolheader.quota_cookie(kernel))
+    return parse_page(data, page, poolheader.header_layout(kernel), poolheader.quota_cookie(kernel), region_pool)

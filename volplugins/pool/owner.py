@@ -63,7 +63,7 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
     if kernel.uses_segment_heap:
         answer = _segment_heap_answer(kernel, address, region.name)
     else:
-        answer = _classic_answer(kernel, address, region.name)
+        answer = _classic_answer(kernel, address, region)
     if answer.owner is None:
         freed = bigpages.find_freed_big(kernel, address)
         if freed is not None:
@@ -87,11 +87,11 @@ def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnsw
     return OwnerAnswer(address, region, result.chunks, result.owner, result.findings)
 
 
-def _classic_answer(kernel: Kernel, address: int, region: str) -> OwnerAnswer:
-    walk = classic.walk_page(kernel, address)
+def _classic_answer(kernel: Kernel, address: int, region: regions.RegionAnswer) -> OwnerAnswer:
+    walk = classic.walk_page(kernel, address, region.pool or "")
     owner = walk.owner(address)
     reason = "" if owner else "no chunk of this page holds the address (the page's chain is broken before it)"
-    return OwnerAnswer(address, region, walk.chunks, owner, walk.findings, reason=reason)
+    return OwnerAnswer(address, region.name, walk.chunks, owner, walk.findings, reason=reason)
 
 
 def _with_details(kernel: Kernel, answer: OwnerAnswer) -> OwnerAnswer:

@@ -1,0 +1,96 @@
+"""What the VS and LFH walks share: the walk's context, and a chunk from its pool header."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import poolheader
+from ..kernel import Kernel
+from ..model import Backing, Chunk, State
+from ..poolheader import PoolHeader
+from .layout import SegHeapLayout, layout_of
+from .reads import Pages, global_value
+from .segments import PageRange
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What every chunk walk carries along: where to read, how to decode, how to label."""
+
+    kernel: Kernel
+    pages: Pages
+    layout: SegHeapLayout
+    pool: str
+    cached: frozenset[int]
+    cookie: int | None  # ExpPoolQuotaCookie, for quota charges
+
+    @classmethod
+    def of(cls, kernel: Kernel, pool: str, cached: frozenset[int]) -> "Walk":
+        return cls(kernel, Pages(kernel), layout_of(kernel), pool, cached, poolheader.quota_cookie(kernel))
+
+    def field(self, base: int, type_name: str, path: str) -> int | None:
+        where = self.kernel.field_layout(type_name, path)
+        data = self.pages.read(base + where.offset, where.size)
+        return None if data is None else where.alone.extract(data)
+
+
+def _body(walk: Walk, header: PoolHeader, address: int) -> int:
+    """The caller's body; a cache-aligned block may carry a second header whose PreviousSize points back here."""
+    unit, aligned = walk.layout.unit, walk.layout.pool.cache_aligned_bit
+    plain = address + unit
+    if not header.pool_type & aligned:
+        return plain
+    cache_line = global_value(walk.kernel, "ExpCacheLineSize", 4)
+    if not cache_line:
+        return plain
+    for step in range(1, cache_line // unit + 1):
+        candidate = address + step * unit
+        if candidate + unit > address + header.block_size:
+            break
+        data = walk.pages.read(candidate, unit)
+        if data is None:
+            break
+        second = poolheader.decode(data, walk.layout.pool)
+        if second.previous_size == step * unit and second.tag == header.tag and second.pool_type & aligned:
+            return candidate + unit
+    return plain
+
+
+def is_cached(cached: frozenset[int], *addresses: int) -> bool:
+    """Lookaside and delay-free entries are taken to point at the heap block, the pool header or the body."""
+    return not cached.isdisjoint(addresses)
+
+
+def pool_chunk(
+    walk: Walk, address: int, backing: Backing, allocated: bool, heap_block: int, size: int | None = None
+) -> Chunk:
+    """The chunk whose ``_POOL_HEADER`` is at ``address``; ``size`` overrides BlockSize (LFH slots)."""
+    data = walk.pages.read(address, walk.layout.unit)
+    if data is None:
+        state = State.UNREADABLE if allocated else State.FREE
+        return Chunk(address, size or 0, 0, b"", state, backing, walk.pool)
+    header = poolheader.decode(data, walk.layout.pool)
+    state, body, quota = State.FREE, None, None
+    if allocated:
+        body = _body(walk, header, address)
+        state = State.CACHED_FREE if is_cached(walk.cached, heap_block, address, body) else State.ALLOCATED
+        quota = poolheader.charged_process(header, address, walk.layout.pool, walk.cookie)
+    return Chunk(
+        address=address,
+        size=header.block_size if size is None else size,
+        previous_size=header.previous_size,
+        tag=header.tag,
+        state=state,
+        backing=backing,
+        pool=walk.pool,
+        pool_type=header.pool_type,
+        body=body,
+        quota_process=quota,
+    )
+
+
+def whole_range(walk: Walk, page_range: PageRange) -> Chunk:
+    """A range allocated as one block: no pool header (its tag and size live in the big page table)."""
+    start = page_range.address
+    state = State.CACHED_FREE if is_cached(walk.cached, start) else State.ALLOCATED
+    return Chunk(start, page_range.size, 0, b"", state, Backing.LARGE, walk.pool, body=start)

@@ -1,0 +1,103 @@
+"""Owner lookup on the segment heap: from any address to its segment, page range and the chunks of its page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kernel import PAGE_SIZE, Kernel
+from ..model import Chunk, Finding
+from .chunks import Walk, whole_range
+from .decoders import RangeKind
+from .heaps import PoolHeap, cached_free_addresses, heap_keys, pool_heaps
+from .layout import SYMBOLS_MISSING
+from .lfh import lfh_walk
+from .reads import read_field
+from .segments import PageRange, SegContext, Segment, range_of, read_descriptors, seg_contexts, signature_owner
+from .vs import vs_walk
+
+
+@dataclass(frozen=True)
+class OwnerResult:
+    """What ``!pool <address>`` shows on the segment heap: the page's chunks and the one holding the address."""
+
+    address: int
+    heap: PoolHeap | None = None
+    segment: Segment | None = None
+    page_range: PageRange | None = None
+    chunks: tuple[Chunk, ...] = ()
+    owner: Chunk | None = None
+    findings: tuple[Finding, ...] = ()
+
+
+def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | None:
+    contexts: dict[int, SegContext] = {}
+    for heap in pool_heaps(kernel):
+        if isinstance(heap, PoolHeap):
+            contexts.update((c.address, c) for c in seg_contexts(kernel, heap) if isinstance(c, SegContext))
+    for mask in sorted({c.segment_mask for c in contexts.values()}):
+        segment = address & mask
+        signature = read_field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
+        if signature is None:
+            continue
+        context = signature_owner(signature, segment, heap_key, contexts)
+        if context is not None and context.segment_mask == mask:
+            return Segment(segment, context)
+    return None
+
+
+def find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | None = None) -> OwnerResult:
+    """Segment -> page range -> the chunks listed in ``address``'s page, marking the one that holds it.
+
+    VS: every chunk whose listed address is in the page, plus the chunk whose VS extent holds the address
+    (its header may sit on an earlier page). LFH: the blocks of the page. A range allocated as a whole is one
+    chunk with no header (its tag lives in the big page table). ``cached`` defaults to
+    ``cached_free_addresses(kernel)``.
+    """
+    try:
+        return _find_owner_chunks(kernel, address, cached)
+    except SYMBOLS_MISSING as error:
+        return OwnerResult(address, findings=(Finding(address, f"segment heap owner: kernel symbols lack {error}"),))
+
+
+def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | None) -> OwnerResult:
+    keys = heap_keys(kernel)
+    if isinstance(keys, Finding):
+        return OwnerResult(address, findings=(keys,))
+    segment = _owning_segment(kernel, address, keys.heap_key)
+    if segment is None:
+        return OwnerResult(address, findings=(Finding(address, "not inside a pool segment heap segment"),))
+    heap = segment.context.heap
+    descriptors = read_descriptors(kernel, segment)
+    if isinstance(descriptors, Finding):
+        return OwnerResult(address, heap, segment, findings=(descriptors,))
+    page_range = range_of(segment, descriptors, address)
+    if isinstance(page_range, Finding):
+        return OwnerResult(address, heap, segment, findings=(page_range,))
+    cached = cached_free_addresses(kernel) if cached is None else cached
+    page = address & ~(PAGE_SIZE - 1)
+    walk = Walk.of(kernel, heap.pool, cached)
+    chunks: list[Chunk] = []
+    findings: list[Finding] = []
+    owner = None
+    if page_range.kind is RangeKind.VS:
+        for item, start, end in vs_walk(walk, page_range.address, keys.heap_key):
+            if isinstance(item, Finding):
+                findings.append(item)
+                continue
+            holds = start <= address < end
+            if holds:
+                owner = item
+            if holds or item.address & ~(PAGE_SIZE - 1) == page:
+                chunks.append(item)
+    elif page_range.kind is RangeKind.LFH:
+        for item in lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size, page):
+            if isinstance(item, Finding):
+                findings.append(item)
+                continue
+            chunks.append(item)
+            if item.contains(address):
+                owner = item
+    else:
+        owner = whole_range(walk, page_range)
+        chunks.append(owner)
+    return OwnerResult(address, heap, segment, page_range, tuple(chunks), owner, tuple(findings))

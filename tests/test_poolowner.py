@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from volplugins.pool import owner, regions
+from volplugins.pool import exits, owner, regions
 from volplugins.pool.tags import tag_text, tag_windbg
-from volrun import cli_json
+from volrun import cli_json, run_cli
 
 SEED_ADDRESS = 0xFFFFDC0155E94340
 # WinDbg's transcript of !pool ffffdc0155e94340 on the modeled build.
@@ -49,15 +50,38 @@ def test_seed_page_through_the_command_line(samples):
     sample = samples["win10-19041"]
     rows = cli_json("-f", str(sample.image), "windows.poolowner", "--address", f"{SEED_ADDRESS:#x}",
                     cache_dir=sample.cache)
-    (top,) = rows
-    assert top["Note"] == f"Pool page {SEED_ADDRESS:x} region is Nonpaged pool"
-    starred = [row for row in top["__children"] if row["Owner"] == "*"]
+    listed = [(row["Owner"] == "*", row["Chunk"], row["Size"], row["PreviousSize"], row["State"]) for row in rows
+              if row["Chunk"] & ~0xFFF == SEED_ADDRESS & ~0xFFF]
+    assert listed == [entry[:5] for entry in SEED_TRANSCRIPT]
+    assert all(row["Address"] == SEED_ADDRESS and row["Region"] == "Nonpaged pool" and not row["__children"]
+               for row in rows)
+    starred = [row for row in rows if row["Owner"] == "*"]
     assert len(starred) == 1
     (proc,) = starred
     assert proc["Chunk"] == 0xFFFFDC0155E942C0 and proc["Size"] == 0xD00 and proc["Tag"] == "Proc"
     assert (proc["Description"], proc["Binary"]) == ("Process objects", "nt!ps")
     assert proc["Object"] == "Process MsMpEng.exe pid 3476"
     assert proc["Note"] == "Pooltag Proc : Process objects, Binary : nt!ps"
+
+
+def test_text_output_reads_like_pool_with_a_hex_dump(samples):
+    """One line per chunk, the owner's star the only one on the line, the dump a block of 16-byte lines."""
+    sample = samples["win10-19041"]
+    result = run_cli("-f", str(sample.image), "windows.poolowner", "--address", f"{SEED_ADDRESS:#x}", "--contents",
+                     cache_dir=sample.cache, renderer="quick")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    chunk_lines = [line for line in lines if line.startswith(f"{SEED_ADDRESS:#x}\t")]
+    assert len(chunk_lines) == len(SEED_TRANSCRIPT)
+    assert not any(line.startswith("*") for line in lines)
+    (owner_line,) = [line for line in chunk_lines if line.split("\t")[2] == "*"]
+    assert "\t0xffffdc0155e942c0\t0xd00\t" in owner_line
+    dump = lines[lines.index(owner_line) + 1:]
+    assert dump[0].split() == ["ffffdc0155e942c0", "+0000", "00", "00", "d0", "02", "50", "72", "6f", "63",
+                               *["00"] * 8, "....Proc........"]
+    assert any("MsMpEng." in line for line in dump)
+    shown = [line for line in dump if line.startswith("  ffffdc0155e9")]
+    assert all(len(line.split()) == 19 for line in shown)  # address, offset, 16 bytes, text
 
 
 def test_every_sampled_allocation_is_named_exactly(sample):
@@ -129,14 +153,16 @@ def test_address_file_bad_input_and_contents(samples, tmp_path):
     process = next(o for o in sample.manifest["objects"] if o["type"] == "Process" and o["name"] == "lsass.exe")
     listing = tmp_path / "addresses.txt"
     listing.write_text(f"# suspicious addresses\n{process['body']:x}  # lsass\nnot-an-address\n0x7ffe0000\n")
-    rows = cli_json("-f", str(sample.image), "windows.poolowner", "--address-file", str(listing), "--contents",
-                    cache_dir=sample.cache)
-    assert len(rows) == 3
-    found, bad, user = rows
-    starred = [row for row in found["__children"] if row["Owner"] == "*"]
-    assert starred[0]["Chunk"] == process["allocation"]
-    assert starred[0]["Object"] == f"Process lsass.exe pid {process['pid']}"
-    dump = [row for row in starred[0]["__children"] if row["Note"]]
-    assert dump and dump[0]["Address"] == process["allocation"]
-    assert "not a hexadecimal address" in bad["Note"]
+    result = run_cli("-f", str(sample.image), "windows.poolowner", "--address-file", str(listing), "--contents",
+                     cache_dir=sample.cache)
+    assert result.returncode == exits.PARTIAL
+    assert "1 address(es) could not be used" in result.stderr
+    rows = json.loads(result.stdout)
+    (starred,) = [row for row in rows if row["Owner"] == "*"]
+    assert starred["Chunk"] == process["allocation"]
+    assert starred["Object"] == f"Process lsass.exe pid {process['pid']}"
+    assert starred["Contents"].splitlines()[1].split()[:2] == [f"{process['allocation']:016x}", "+0000"]
+    (bad,) = [row for row in rows if row["Address"] is None]
+    assert bad["Note"] == "not a hexadecimal address: 'not-an-address'"
+    (user,) = [row for row in rows if row["Address"] == 0x7FFE0000]
     assert user["Region"] == regions.USER_SPACE and "not kernel pool" in user["Note"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from volatility3.framework.configuration import requirements
 
-TAG_PATTERN_HELP = "'*' any run, '?' any byte, case sensitive, \\xNN for other bytes, short tags space padded"
+from .attribution import DriverScan
+
+TAG_PATTERN_HELP = ("'*' any run, '?' any byte, case sensitive, \\xNN for other bytes, short tags space padded; "
+                    "several patterns may be given, or joined with commas")
 
 
 def kernel() -> requirements.ModuleRequirement:
@@ -32,3 +35,17 @@ def tag_patterns(what: str, name: str = "tag") -> requirements.ListRequirement:
 def flag(name: str, description: str) -> requirements.BooleanRequirement:
     """An on/off option, off unless given."""
     return requirements.BooleanRequirement(name=name, description=description, default=False, optional=True)
+
+
+def driver_scan(default: DriverScan) -> requirements.ChoiceRequirement:
+    """When to name tags' binaries from the loaded drivers' code; each plugin picks the default that suits
+    how many tags it shows (a lookup shows few, a table hundreds)."""
+    return requirements.ChoiceRequirement(
+        name="driver-scan",
+        choices=[mode.value for mode in DriverScan],
+        description="Name the binary of tags the descriptions leave open from the loaded drivers' code: "
+                    "auto = only when such a tag is shown, always, never "
+                    f"(default: {default.value})",
+        default=default.value,
+        optional=True,
+    )

@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import addresses, owner, plugin_options
+from volplugins.pool import addresses, exits, hexdump, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
+from volplugins.pool.model import Chunk
 from volplugins.pool.tags import tag_text
 
 vollog = logging.getLogger(__name__)
 
 CONTENTS_LIMIT = 0x1000  # bytes of the owner shown by --contents
 
+_COLUMNS = [
+    ("Address", format_hints.Hex),
+    ("Region", str),
+    ("Owner", str),
+    ("Chunk", format_hints.Hex),
+    ("Size", format_hints.Hex),
+    ("PreviousSize", format_hints.Hex),
+    ("State", str),
+    ("Tag", str),
+    ("Backing", str),
+    ("Pool", str),
+    ("Object", str),
+    ("Description", str),
+    ("Binary", str),
+    ("Note", str),
+]
+_CONTENTS_COLUMN = ("Contents", str)
+
 
 class PoolOwner(interfaces.plugins.PluginInterface):
-    """Names the pool allocation (page chunk, VS/LFH block, big or large allocation) holding each address."""
+    """Names the pool allocation (page chunk, VS/LFH block, big or large allocation) holding each address.
+
+    Example: vol -f mem.raw windows.poolowner --address ffffdc01`55e94340 --contents
+    """
 
     _required_framework_version = (2, 0, 0)
     _version = (1, 0, 0)
@@ -37,50 +59,53 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             ),
             requirements.StringRequirement(
                 name="address-file",
-                description="File with addresses to look up, one or more per line, '#' starts a comment",
+                description="File with addresses to look up (UTF-8 or UTF-16 text), one or more per line, "
+                            "'#' starts a comment",
                 optional=True,
             ),
-            plugin_options.flag("contents", "Also dump the owning allocation's bytes (like !pool flag 1)"),
+            plugin_options.flag("contents", "Also dump the owning allocation's first 4 KiB as hex and text "
+                                "(like !pool flag 1)"),
             plugin_options.pooltag_files(),
-            requirements.ChoiceRequirement(
-                name="driver-scan",
-                choices=[mode.value for mode in DriverScan],
-                description="Name the binary of tags without one in the descriptions from the loaded drivers' code: "
-                            "auto = only when such a tag is shown (default), always, never",
-                default=DriverScan.AUTO.value,
-                optional=True,
-            ),
+            plugin_options.driver_scan(DriverScan.AUTO),
         ]
 
     def _addresses(self) -> list[addresses.ParsedAddress]:
+        """Every address asked for, in order; refuses the run when there is none to look up."""
         parsed = [addresses.parse_address(text) for text in self.config.get("address") or []]
         if self.config.get("address-file"):
-            parsed.extend(addresses.addresses_from_file(self.config["address-file"]))
+            try:
+                parsed.extend(addresses.addresses_from_file(self.config["address-file"]))
+            except addresses.AddressFileError as error:
+                exits.refuse(str(error))
+        if not parsed:
+            exits.refuse("no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE")
+        bad = [item for item in parsed if item.value is None]
+        if len(bad) == len(parsed):
+            exits.refuse("no address to look up: " + "; ".join(item.error for item in bad))
+        if bad:
+            exits.finish_partial(len(bad), "address(es)")
         return parsed
 
-    def _generator(self) -> Iterator[tuple[int, tuple]]:
+    def _generator(self, requested: list[addresses.ParsedAddress]) -> Iterator[tuple[int, tuple]]:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
         tags = load_attribution(kernel, self.config.get("pooltag-file") or [], self.config.get("driver-scan"))
-        requested = self._addresses()
-        if not requested:
-            vollog.error("no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE")
         for parsed in requested:
             if parsed.value is None:
-                yield 0, _note_row(0, "", parsed.error)
-                continue
-            answer = owner.find_owner(kernel, parsed.value)
-            yield from self._answer_rows(kernel, answer, tags)
+                yield 0, self._note_row(None, "", parsed.error)
+            else:
+                yield from self._answer_rows(kernel, owner.find_owner(kernel, parsed.value), tags)
         if tags.findings:
             vollog.info("driver scan: %d part(s) of modules unreadable (windows.pooldrivers lists them)",
                         len(tags.findings))
 
     def _answer_rows(self, kernel: Kernel, answer: owner.OwnerAnswer, tags: TagAttribution):
-        yield 0, _note_row(answer.address, answer.region, answer.headline())
+        """The chunks around the address as ``!pool`` lists them (the owner starred), or why there is none."""
+        if answer.owner is None:
+            yield 0, self._note_row(answer.address, answer.region, answer.headline())
         for chunk in answer.chunks:
             is_owner = answer.owner is not None and chunk == answer.owner
             description, binary = tags.describe(chunk.tag) if is_owner else ("", "")
-            identity = answer.object.describe() if is_owner and answer.object else ""
-            yield 1, (
+            values = (
                 format_hints.Hex(answer.address),
                 answer.region,
                 "*" if is_owner else "",
@@ -91,56 +116,38 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 tag_text(chunk.tag),
                 chunk.backing.value,
                 chunk.pool or renderers.NotAvailableValue(),
-                identity,
+                answer.object.describe() if is_owner and answer.object else "",
                 description,
                 binary,
                 _owner_note(answer, chunk, description, binary) if is_owner else "",
             )
-            if is_owner and self.config.get("contents"):
-                yield from _content_rows(kernel, answer)
+            yield 0, values + self._contents(kernel, chunk if is_owner else None)
         for finding in answer.findings:
-            yield 1, _note_row(finding.address, answer.region, finding.reason)
+            yield 0, self._note_row(finding.address, answer.region, finding.reason)
+
+    def _contents(self, kernel: Kernel, chunk: Chunk | None) -> tuple:
+        """The Contents cell when --contents is on: the owner's bytes as a hex dump, empty on other rows."""
+        if not self.config.get("contents"):
+            return ()
+        if chunk is None:
+            return ("",)
+        length = min(chunk.size, CONTENTS_LIMIT)
+        return (hexdump.lines(chunk.address, kernel.read(chunk.address, length, pad=True)),)
+
+    def _note_row(self, address: int | None, region: str, note: str) -> tuple:
+        absent = renderers.NotApplicableValue()
+        where = absent if address is None else format_hints.Hex(address)
+        return (where, region, "", absent, absent, absent, "", "", "", "", "", "", "", note) + self._contents(None, None)
 
     def run(self) -> renderers.TreeGrid:
-        return renderers.TreeGrid(
-            [
-                ("Address", format_hints.Hex),
-                ("Region", str),
-                ("Owner", str),
-                ("Chunk", format_hints.Hex),
-                ("Size", format_hints.Hex),
-                ("PreviousSize", format_hints.Hex),
-                ("State", str),
-                ("Tag", str),
-                ("Backing", str),
-                ("Pool", str),
-                ("Object", str),
-                ("Description", str),
-                ("Binary", str),
-                ("Note", str),
-            ],
-            self._generator(),
-        )
+        requested = self._addresses()
+        columns = _COLUMNS + ([_CONTENTS_COLUMN] if self.config.get("contents") else [])
+        return renderers.TreeGrid(columns, self._generator(requested))
 
 
-def _owner_note(answer: owner.OwnerAnswer, chunk, description: str, binary: str) -> str:
+def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, description: str, binary: str) -> str:
     """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota."""
     parts = [f"Pooltag {tag_text(chunk.tag)} : {description or 'unknown'}, Binary : {binary or 'unknown'}"]
     if answer.quota_note(chunk):
         parts.append(answer.quota_note(chunk))
     return "; ".join(parts)
-
-
-def _note_row(address: int, region: str, note: str) -> tuple:
-    absent = renderers.NotApplicableValue()
-    return (format_hints.Hex(address), region, "", absent, absent, absent, "", "", "", absent, "", "", "", note)
-
-
-def _content_rows(kernel: Kernel, answer: owner.OwnerAnswer) -> Iterable[tuple[int, tuple]]:
-    chunk = answer.owner
-    length = min(chunk.size, CONTENTS_LIMIT)
-    data = kernel.read(chunk.address, length, pad=True)
-    for offset in range(0, length, 16):
-        line = data[offset : offset + 16]
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in line)
-        yield 2, _note_row(chunk.address + offset, answer.region, f"{line.hex(' ')}  {text}")

@@ -1,0 +1,76 @@
+"""What a user meets through ``vol`` when a run cannot do what was asked: one line, an exit code, no table."""
+
+from __future__ import annotations
+
+import codecs
+import json
+
+import pytest
+
+from volplugins.pool import exits
+from volrun import run_cli
+
+SEED_ADDRESS = 0xFFFFDC0155E94340
+
+
+def vol(sample, *arguments: str, renderer: str = "quick"):
+    return run_cli("-f", str(sample.image), *arguments, cache_dir=sample.cache, renderer=renderer)
+
+
+def assert_refused(result, message: str) -> None:
+    """Exit code 2, the one error line naming the problem, and no table on stdout."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert result.returncode == exits.REFUSED, result.stderr
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "\t" not in result.stdout  # not even the column headings
+
+
+# -- poolowner's addresses -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((), "no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE"),
+    (("--address", "zz"), "no address to look up: not a hexadecimal address: 'zz'"),
+    (("--address=-0x10",), "negative address: '-0x10'"),
+    (("--address", "0x1ffffffffffffffff"), "address does not fit in 64 bits: '0x1ffffffffffffffff'"),
+    (("--address-file", "/nonexistent/addresses.txt"), "address file /nonexistent/addresses.txt: No such file"),
+])
+def test_poolowner_refuses_when_nothing_can_be_looked_up(samples, arguments, message):
+    assert_refused(vol(samples["win10-19041"], "windows.poolowner", *arguments), message)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty: no address in it"),
+    (b"# only a comment\r\n\r\n", "is empty: no address in it"),
+    (bytes(range(256)) * 4, "is not an address list"),
+    (b"MZ\x90 binary\nthis is not\nffffdc0155e94340\n", "is not an address list"),
+])
+def test_poolowner_refuses_an_unusable_address_file(samples, tmp_path, content, message):
+    listing = tmp_path / "addresses.txt"
+    listing.write_bytes(content)
+    assert_refused(vol(samples["win10-19041"], "windows.poolowner", "--address-file", str(listing)),
+                   f"address file {listing} {message}")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_poolowner_reads_address_files_in_windows_encodings(samples, tmp_path, encoding):
+    listing = tmp_path / "addresses.txt"
+    listing.write_bytes(f"# from a Windows tool\r\nffffdc01`55e94340\r\n".encode(encoding))
+    assert listing.read_bytes().startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF8))
+    result = vol(samples["win10-19041"], "windows.poolowner", "--address-file", str(listing), renderer="json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {row["Address"] for row in rows} == {SEED_ADDRESS}
+    assert [row["Chunk"] for row in rows if row["Owner"] == "*"] == [0xFFFFDC0155E942C0]
+
+
+def test_poolowner_partial_answer_keeps_good_rows_and_exits_non_zero(samples):
+    result = vol(samples["win10-19041"], "windows.poolowner", "--address", "nonsense", f"{SEED_ADDRESS:x}")
+    assert result.returncode == exits.PARTIAL
+    assert "1 address(es) could not be used" in result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"{SEED_ADDRESS:#x}\t") and "\t*\t" in line for line in lines)
+    (bad,) = [line for line in lines if line.startswith("N/A")]
+    assert bad.endswith("not a hexadecimal address: 'nonsense'")
+    assert not any(line.startswith("0x0\t") for line in lines)

@@ -74,3 +74,29 @@ def test_poolowner_partial_answer_keeps_good_rows_and_exits_non_zero(samples):
     (bad,) = [line for line in lines if line.startswith("N/A")]
     assert bad.endswith("not a hexadecimal address: 'nonsense'")
     assert not any(line.startswith("0x0\t") for line in lines)
+
+
+# -- options that exclude each other, values that cannot be used ----------------------
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (("windows.poolcensus", "--free", "--allocated"), "--free and --allocated exclude each other"),
+    (("windows.poolcensus", "--bigpages", "--carve"), "choose one view at a time; got --bigpages, --carve"),
+    (("windows.poolcensus", "--min-size", "0x200", "--max-size", "0x100"),
+     "--min-size 0x200 is larger than --max-size 0x100"),
+    (("windows.pooltags", "--pool", "nonpaged", "sesion"), "unknown pool(s) sesion for --pool"),
+    (("windows.pooltags", "--top", "-1"), "--top -1: give a count of rows"),
+    (("windows.pooltags", "--scan", "--baseline", "/nonexistent/base.json"), "--scan and --baseline are two views"),
+    (("windows.pooltags", "--baseline", "/nonexistent/base.json"), "baseline /nonexistent/base.json: No such file"),
+])
+def test_runs_that_cannot_do_what_was_asked_are_refused(samples, arguments, message):
+    assert_refused(vol(samples["win10-19041"], *arguments), message)
+
+
+def test_dump_into_an_output_path_that_is_not_a_directory(samples, tmp_path):
+    sample = samples["win10-19041"]
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    result = run_cli("-o", str(not_a_directory), "-f", str(sample.image), "windows.poolcensus", "--tag", "Proc",
+                     "--dump", cache_dir=sample.cache, renderer="quick")
+    assert_refused(result, "--dump cannot write to the output directory (-o)")

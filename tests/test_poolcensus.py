@@ -120,13 +120,6 @@ def test_filters_select_what_the_manifest_says(sample, options, tag_wanted):
     assert Counter(chunk_key(row) for row in rows) == expected
 
 
-def test_contradicting_options_are_refused(sample, caplog):
-    with caplog.at_level(logging.ERROR):
-        rows = scan_rows(sample, free=True, allocated=True)
-    assert rows == []
-    assert "exclude each other" in caplog.text
-
-
 def test_bigpages_view_matches_volatility3_bigpools(sample):
     ours = scan_rows(sample, bigpages=True)
     theirs = sample.session.rows("windows.bigpools.BigPools")

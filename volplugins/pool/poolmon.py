@@ -17,16 +17,24 @@ are read from the renderer's nested ``__children`` lists as well.
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from .census import CensusRow
+from .kernel import Kernel
 from .tagdb import UNKNOWN_BINARY
-from .tags import TAG_LENGTH, TagPattern, tag_from_text
+from .filters import matches_any
+from .tags import PROTECTED_TAG_BIT, TAG_LENGTH, TagPattern, tag_from_text
 from .tracker import TagCounters
 
 TOTAL_TAG = b"TOTAL"  # five bytes: no pool tag can be mistaken for the totals row
+TOTAL_TYPE = "Total"  # the totals row's Type, so that a pipeline reading rows can tell it from a tag's
+EVERY_TAG = "every tag"  # what a full snapshot's totals row says it sums
+JSON_SNIFF = 64  # leading bytes read to tell a saved JSON run from a memory image
 POOL_COLUMNS = ("Nonp", "Paged", "Session")
 # Allocator pool (chunk walkers) -> tracker column (PoolMon's Type).
 ALLOCATOR_COLUMN = {"NonPaged": "Nonp", "NonPagedNx": "Nonp", "Paged": "Paged", "Session": "Session"}
@@ -155,9 +163,9 @@ def select(
     wanted = None if pools is None else set(pools)
     out = []
     for row in rows:
-        if include and not any(pattern.matches(row.tag) for pattern in include):
+        if include and not matches_any(include, row.tag):
             continue
-        if any(pattern.matches(row.tag) for pattern in exclude):
+        if matches_any(exclude, row.tag):
             continue
         if wanted is not None and row.pool not in wanted:
             continue
@@ -203,13 +211,13 @@ def total(rows: Iterable[PoolRow]) -> PoolRow:
     rows = list(rows)
     scans = [row.scan for row in rows if row.scan is not None]
     scan = sum(scans, ScanCounts()) if scans else None
-    return PoolRow(TOTAL_TAG, "", sum(r.allocs for r in rows), sum(r.frees for r in rows),
+    return PoolRow(TOTAL_TAG, TOTAL_TYPE, sum(r.allocs for r in rows), sum(r.frees for r in rows),
                    sum(r.bytes for r in rows), scan)
 
 
 def growth_total(rows: Iterable[GrowthRow]) -> GrowthRow:
     rows = list(rows)
-    return GrowthRow(TOTAL_TAG, "", sum(r.baseline_allocs for r in rows), sum(r.baseline_bytes for r in rows),
+    return GrowthRow(TOTAL_TAG, TOTAL_TYPE, sum(r.baseline_allocs for r in rows), sum(r.baseline_bytes for r in rows),
                      sum(r.allocs for r in rows), sum(r.bytes for r in rows))
 
 
@@ -235,10 +243,50 @@ def growth(baseline: Iterable[PoolRow], current: Iterable[PoolRow]) -> list[Grow
 
 @dataclass(frozen=True)
 class SnapshotFile:
-    """Rows read from a saved ``windows.pooltags`` JSON run, or why none could be read."""
+    """Rows read from a saved ``windows.pooltags`` JSON run, or why none could be read.
+
+    ``kernel`` and ``selection`` come from the run's totals row (see :func:`snapshot_note`): the kernel it
+    was taken of, and :data:`EVERY_TAG` unless options left rows out. Both are None for a file without them.
+    """
 
     rows: list[PoolRow] = field(default_factory=list)
     error: str | None = None
+    kernel: str | None = None
+    selection: str | None = None
+
+
+_SNAPSHOT_NOTE = re.compile(r"kernel (?P<kernel>[^;]+); (?P<selection>.+)")
+
+
+def snapshot_note(kernel: str, selection: Sequence[str]) -> str:
+    """The totals row's description: which kernel the rows are of and which options chose them, so that a
+    saved run used as a baseline can be checked (another build compares apples with pears, a run saved with
+    --top or --tag lacks the tags that grew from nothing)."""
+    return f"kernel {kernel}; {'only ' + ' '.join(selection) if selection else EVERY_TAG}"
+
+
+def kernel_identity(kernel: Kernel) -> str:
+    """The kernel build a snapshot is of: the GUID and age of its PDB (``PDB 8CFB49428DC86A330CE257778E0C2F93-1``),
+    which change with every build and update of the kernel."""
+    metadata = kernel.context.symbol_space[kernel.symbol_table].metadata
+    guid, age = getattr(metadata, "pdb_guid", None), getattr(metadata, "pdb_age", None)
+    return f"PDB {guid}-{age}" if guid else "unknown build"
+
+
+def is_json_file(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved JSON run rather than a memory image (raises OSError if unreadable)."""
+    with open(path, "rb") as handle:
+        head = handle.read(JSON_SNIFF)
+    return head.removeprefix(codecs.BOM_UTF8).lstrip()[:1] in (b"[", b"{")
+
+
+def read_snapshot_file(path: str | Path) -> SnapshotFile:
+    """:func:`parse_snapshot` of a UTF-8 file (with or without BOM); a read problem is an error, not a raise."""
+    try:
+        text = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return SnapshotFile(error=f"cannot read as UTF-8 JSON: {error}")
+    return parse_snapshot(text)
 
 
 _GROWTH_COLUMNS = {"BaselineAllocs", "DiffAllocs", "DiffBytes"}
@@ -268,7 +316,11 @@ def parse_snapshot(text: str) -> SnapshotFile:
             return SnapshotFile(error=f"row {number}: {row}")
         if row is not None:
             rows.append(row)
-    return SnapshotFile(rows)
+    note = next((_SNAPSHOT_NOTE.fullmatch(str(record.get("Description", ""))) for record in records
+                 if record.get("Type") == TOTAL_TYPE), None)
+    if note is None:
+        return SnapshotFile(rows)
+    return SnapshotFile(rows, kernel=note["kernel"], selection=note["selection"])
 
 
 def _load_json(text: str) -> Any:
@@ -308,6 +360,8 @@ def _row_from_record(record: dict) -> PoolRow | None | str:
     raw = tag_from_text(tag)
     if len(raw) != TAG_LENGTH:
         return f"tag {tag!r} is not four bytes"
+    if record.get("Protected") is True:
+        raw = raw[:-1] + bytes([raw[-1] | PROTECTED_TAG_BIT])
     numbers = {name: record.get(name) for name in ("Allocs", "Frees", "Diff", "Bytes")}
     present = {name: value for name, value in numbers.items() if value is not None}
     if any(not isinstance(value, int) or isinstance(value, bool) for value in present.values()):

@@ -10,30 +10,29 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import conversion, format_hints
 
-from volplugins.pool import bigpages, carve, freespace, plugin_options, regions, scan, validate
+from volplugins.pool import bigpages, carve, exits, filters, listing, plugin_options, regions, scan, validate
+from volplugins.pool.filters import ChunkFilter
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Backing, Chunk, State
 from volplugins.pool.tagdb import TagDatabase
-from volplugins.pool.tags import TagPattern, compile_pattern, tag_text, unprotected
+from volplugins.pool.tags import is_protected, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
 
 VIEWS = ("bigpages", "free-analysis", "carve", "validate", "coverage")
 FREED = (State.FREE, State.CACHED_FREE)
-_FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
 
 _CHUNK_COLUMNS = [
     ("Address", format_hints.Hex),
     ("Size", format_hints.Hex),
     ("Tag", str),
+    ("Protected", bool),
     ("Pool", str),
     ("PoolType", format_hints.Hex),
     ("State", str),
@@ -49,6 +48,7 @@ _BIG_COLUMNS = [
     ("End", format_hints.Hex),
     ("Size", format_hints.Hex),
     ("Tag", str),
+    ("Protected", bool),
     ("PoolType", format_hints.Hex),
     ("Status", str),
     ("Region", str),
@@ -69,6 +69,7 @@ _FREE_COLUMNS = [
     ("State", str),
     ("Tag", str),
     ("StaleTag", str),
+    ("StaleProtected", bool),
     ("StaleTagAt", format_hints.Hex),
     ("Description", str),
 ]
@@ -90,45 +91,6 @@ _CARVE_COLUMNS = [
 ]
 _VALIDATE_COLUMNS = [("Address", format_hints.Hex), ("Region", str), ("Reason", str)]
 _COVERAGE_COLUMNS = [("Measure", str), ("Value", int)]
-
-
-@dataclass(frozen=True)
-class ChunkFilter:
-    """The listing filters; ``None`` fields do not filter."""
-
-    tags: tuple[TagPattern, ...] = ()
-    state: tuple[State, ...] | None = None
-    min_size: int | None = None
-    max_size: int | None = None
-    big_only: bool = False
-    region: str | None = None  # lower-case name or name prefix
-
-    def tag_matches(self, tag: bytes) -> bool:
-        if not self.tags:
-            return True
-        return any(pattern.matches(tag) or pattern.matches(unprotected(tag)) for pattern in self.tags)
-
-    def region_matches(self, region: str) -> bool:
-        return self.region is None or region.lower().startswith(self.region)
-
-    def size_matches(self, size: int) -> bool:
-        return (self.min_size is None or size >= self.min_size) and (self.max_size is None or size <= self.max_size)
-
-    def matches(self, chunk: Chunk, region: str, tag: bytes | None = None) -> bool:
-        """``tag`` replaces the chunk's own (free VS chunks are matched by their stale tag)."""
-        return (
-            (self.state is None or chunk.state in self.state)
-            and (not self.big_only or chunk.backing in (Backing.BIG, Backing.LARGE))
-            and self.size_matches(chunk.size)
-            and self.region_matches(region)
-            and self.tag_matches(chunk.tag if tag is None else tag)
-        )
-
-
-def dump_file_name(chunk: Chunk) -> str:
-    """``<address>.<tag>.pool``, tag bytes other than letters, digits, '-' and '_' written as %XX."""
-    tag = "".join(chr(byte) if _FILENAME_SAFE.fullmatch(bytes([byte])) else f"%{byte:02X}" for byte in chunk.tag)
-    return f"{chunk.address:#x}.{tag or 'notag'}.pool"
 
 
 def _hex_or_absent(value: int | None):
@@ -196,32 +158,30 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         ]
 
     # -- options -------------------------------------------------------------
-    def _view(self) -> str | None:
+    def _view(self) -> str:
+        """The view asked for ('' for the chunk listing); refuses the run when several are."""
         chosen = [name for name in VIEWS if self.config.get(name)]
         if len(chosen) > 1:
-            vollog.error("choose one view at a time; got %s", ", ".join(f"--{name}" for name in chosen))
-            return None
+            exits.refuse("choose one view at a time; got " + ", ".join(f"--{name}" for name in chosen))
         if chosen and self.config.get("dump"):
-            vollog.warning("--dump writes the chunks of the chunk listing; it is ignored with --%s", chosen[0])
+            vollog.warning("--dump writes the chunks of the chunk listing; --%s has nothing to dump, so nothing "
+                           "is written", chosen[0])
         return chosen[0] if chosen else ""
 
-    def _filter(self) -> ChunkFilter | None:
-        """The listing filters from the options, or None (after an error message) when they contradict."""
+    def _filter(self) -> ChunkFilter:
+        """The listing filters from the options; refuses the run when they contradict each other."""
         if self.config.get("free") and self.config.get("allocated"):
-            vollog.error("--free and --allocated exclude each other; give at most one")
-            return None
+            exits.refuse("--free and --allocated exclude each other; give at most one")
         low, high = self.config.get("min-size"), self.config.get("max-size")
         if low is not None and high is not None and low > high:
-            vollog.error("--min-size %#x is larger than --max-size %#x: nothing can match", low, high)
-            return None
-        texts = [part for text in self.config.get("tag") or [] for part in text.split(",") if part]
-        for text in texts:
-            if "*" not in text and len(text) > 4 and "\\x" not in text:
-                vollog.warning("tag pattern %r is longer than a 4-byte tag and matches nothing", text)
+            exits.refuse(f"--min-size {low:#x} is larger than --max-size {high:#x}: nothing can match")
+        patterns = filters.parse_patterns(self.config.get("tag"))
+        for text in filters.unmatchable(patterns):
+            vollog.warning("tag pattern %r is longer than a 4-byte tag and matches nothing", text)
         state = FREED if self.config.get("free") else (State.ALLOCATED,) if self.config.get("allocated") else None
         region = self.config.get("region")
         return ChunkFilter(
-            tags=tuple(compile_pattern(text) for text in texts),
+            tags=patterns,
             state=state,
             min_size=low,
             max_size=high,
@@ -259,7 +219,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _chunk_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
         result = self._scan(kernel)
-        regions_of = _region_names(kernel, result.chunks)
+        regions_of = listing.region_names(kernel, result.chunks)
         self._check_region(wanted, regions_of.values())
         dump = bool(self.config.get("dump"))
         for chunk in result.chunks:
@@ -271,7 +231,8 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             yield 0, (
                 format_hints.Hex(chunk.address),
                 format_hints.Hex(chunk.size),
-                tag_text(chunk.tag),
+                tag_text(unprotected(chunk.tag)),
+                is_protected(chunk.tag),
                 chunk.pool or renderers.NotAvailableValue(),
                 _hex_or_absent(chunk.pool_type),
                 chunk.state.value,
@@ -283,14 +244,14 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             )
 
     def _dump(self, kernel: Kernel, chunk: Chunk) -> str:
+        """Write one chunk; the listing is built before any row is shown, so a failed write refuses the run."""
         data = kernel.read(chunk.address, chunk.size, pad=True)
         try:
-            with self.open(dump_file_name(chunk)) as handle:
+            with self.open(listing.dump_file_name(chunk)) as handle:
                 handle.write(data)
                 return handle.preferred_filename
         except OSError as error:
-            vollog.warning("cannot write the chunk at %#x: %s", chunk.address, error)
-            return ""
+            exits.refuse(f"--dump cannot write to the output directory (-o): {error}")
 
     def _bigpage_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
@@ -308,7 +269,8 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                 format_hints.Hex(entry.va),
                 format_hints.Hex(entry.end),
                 format_hints.Hex(entry.size),
-                tag_text(entry.tag),
+                tag_text(unprotected(entry.tag)),
+                is_protected(entry.tag),
                 _hex_or_absent(entry.pool_type),
                 "Free" if entry.free else "Allocated",
                 region,
@@ -318,34 +280,28 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _free_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
         result = self._scan(kernel)
-        regions_of = _region_names(kernel, result.chunks)
+        regions_of = listing.region_names(kernel, result.chunks)
         self._check_region(wanted, regions_of.values())
-        pairs = [(chunk, regions_of[chunk.address]) for chunk in result.chunks
-                 if chunk.state in FREED and wanted.region_matches(regions_of[chunk.address])]
         absent = renderers.NotApplicableValue()
-        for summary in freespace.summarize(pairs):
+        for summary, members in listing.free_space(kernel, result.chunks, regions_of, wanted):
             yield 0, (
                 summary.region, summary.backing, summary.free_chunks, format_hints.Hex(summary.free_bytes),
                 summary.cached_free_chunks, format_hints.Hex(summary.cached_free_bytes),
                 format_hints.Hex(summary.largest_free_run), summary.free_runs, round(summary.fragmentation, 4),
-                absent, absent, "", "", "", absent, "",
+                absent, absent, "", "", "", absent, absent, "",
             )
-            for chunk, region in pairs:
-                if region != summary.region or chunk.backing.value != summary.backing:
-                    continue
-                stale = freespace.stale_tag(kernel, chunk)
-                if not wanted.matches(chunk, region, stale.tag):
-                    continue
+            for member in members:
+                chunk, stale = member.chunk, member.stale
                 yield 1, (
-                    region, summary.backing, absent, absent, absent, absent, absent, absent, absent,
+                    member.region, summary.backing, absent, absent, absent, absent, absent, absent, absent,
                     format_hints.Hex(chunk.address), format_hints.Hex(chunk.size), chunk.state.value,
-                    tag_text(chunk.tag), tag_text(stale.tag), _hex_or_absent(stale.header),
-                    tags.describe(stale.tag)[0] if stale.tag else "",
+                    tag_text(chunk.tag), tag_text(unprotected(stale.tag)), is_protected(stale.tag),
+                    _hex_or_absent(stale.header), tags.describe(stale.tag)[0] if stale.tag else "",
                 )
 
     def _carve_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         result = self._scan(kernel)
-        regions_of = _region_names(kernel, result.chunks)
+        regions_of = listing.region_names(kernel, result.chunks)
         self._check_region(wanted, regions_of.values())
         searched = dataclasses.replace(wanted, state=None)
         chosen = [chunk for chunk in result.chunks if searched.matches(chunk, regions_of[chunk.address])]
@@ -387,12 +343,10 @@ class PoolCensus(interfaces.plugins.PluginInterface):
 
     def run(self) -> renderers.TreeGrid:
         view = self._view()
-        wanted = self._filter() if view is not None else None
-        if view is None or wanted is None:
-            return renderers.TreeGrid(_CHUNK_COLUMNS, iter(()))
+        wanted = self._filter()
         kernel = self._kernel()
-        views: dict[str, tuple[list, Callable[[], Iterator[tuple[int, tuple]]]]] = {
-            "": (_CHUNK_COLUMNS, lambda: self._chunk_rows(kernel, wanted)),
+        views: dict[str, tuple[list, Callable[[], Iterable[tuple[int, tuple]]]]] = {
+            "": (_CHUNK_COLUMNS, lambda: self._listing(kernel, wanted)),
             "bigpages": (_BIG_COLUMNS, lambda: self._bigpage_rows(kernel, wanted)),
             "free-analysis": (_FREE_COLUMNS, lambda: self._free_rows(kernel, wanted)),
             "carve": (_CARVE_COLUMNS, lambda: self._carve_rows(kernel, wanted)),
@@ -402,14 +356,8 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         columns, rows = views[view]
         return renderers.TreeGrid(columns, rows())
 
-
-def _region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
-    """Region name per chunk address (one lookup per page: chunks of a page share their region)."""
-    by_page: dict[int, str] = {}
-    names = {}
-    for chunk in chunks:
-        page = chunk.address & ~0xFFF
-        if page not in by_page:
-            by_page[page] = regions.classify(kernel, chunk.address).name
-        names[chunk.address] = by_page[page]
-    return names
+    def _listing(self, kernel: Kernel, wanted: ChunkFilter) -> Iterable[tuple[int, tuple]]:
+        """The chunk listing; with --dump every file is written before the table starts, so that an output
+        directory that cannot be written refuses the run instead of failing row by row."""
+        rows = self._chunk_rows(kernel, wanted)
+        return list(rows) if self.config.get("dump") else rows

@@ -9,11 +9,11 @@ from typing import Iterator
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import plugin_options
+from volplugins.pool import filters, plugin_options
 from volplugins.pool.driverscan import DriverScanResult, TagUse, scan_drivers
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tagdb import TagDatabase
-from volplugins.pool.tags import TagPattern, compile_pattern, tag_text
+from volplugins.pool.tags import TagPattern, is_protected, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
 
@@ -22,7 +22,10 @@ _FILE_SUFFIXES = (".sys", ".dll", ".exe")
 
 
 class PoolDrivers(interfaces.plugins.PluginInterface):
-    """Lists the pool tags each loaded module passes to the pool routines (allocate, free, lookaside setup)."""
+    """Lists the pool tags each loaded module passes to the pool routines (allocate, free, lookaside setup).
+
+    Example: vol -f mem.raw windows.pooldrivers --tag 'Nfk?' --call-sites
+    """
 
     _required_framework_version = (2, 0, 0)
     _version = (1, 0, 0)
@@ -41,14 +44,14 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
     def _generator(self) -> Iterator[tuple[int, tuple]]:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
         tags = TagDatabase.load(self.config.get("pooltag-file") or [])  # logs each bad line once
-        patterns = [compile_pattern(text) for text in self.config.get("tag") or []]
+        patterns = filters.parse_patterns(self.config.get("tag"))
         result = scan_drivers(kernel, include_kernel=bool(self.config.get("include-kernel")))
         vollog.info("driver scan: %d module(s) scanned, %d tag(s) found", result.modules_scanned, len(result.tags))
         by_tag = _uses_by_tag(result, patterns)
         for tag in sorted(by_tag):
             yield from self._tag_rows(tag, by_tag[tag], tags)
         for pattern in patterns:
-            if not any(pattern.matches(tag) for tag in by_tag):
+            if not any(filters.matches_any([pattern], tag) for tag in by_tag):
                 yield 0, _note_row(f"no scanned module passes a tag matching '{pattern.text}' to a pool routine")
         if result.findings:
             vollog.warning("driver scan: %d part(s) of modules unreadable, listed at the end", len(result.findings))
@@ -60,7 +63,8 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
         routines = sorted({use.routine for use in uses})
         description, binary = tags.describe(tag)
         yield 0, (
-            tag_text(tag),
+            tag_text(unprotected(tag)),
+            is_protected(tag),
             ", ".join(modules),
             ", ".join(routines),
             len({(use.module, use.call_site) for use in uses}),
@@ -71,12 +75,14 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
         )
         if self.config.get("call-sites"):
             for use in sorted(uses, key=lambda use: (use.module.lower(), use.call_site, use.routine)):
-                yield 1, (tag_text(tag), use.module, use.routine, 1, format_hints.Hex(use.call_site), "", "", "")
+                yield 1, (tag_text(unprotected(tag)), is_protected(tag), use.module, use.routine, 1,
+                          format_hints.Hex(use.call_site), "", "", "")
 
     def run(self) -> renderers.TreeGrid:
         return renderers.TreeGrid(
             [
                 ("Tag", str),
+                ("Protected", bool),
                 ("Modules", str),
                 ("Routines", str),
                 ("CallSites", int),
@@ -89,11 +95,11 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
         )
 
 
-def _uses_by_tag(result: DriverScanResult, patterns: list[TagPattern]) -> dict[bytes, list[TagUse]]:
+def _uses_by_tag(result: DriverScanResult, patterns: tuple[TagPattern, ...]) -> dict[bytes, list[TagUse]]:
     """The scan's call sites grouped by tag, keeping only tags matching a pattern when there are patterns."""
     grouped: dict[bytes, list[TagUse]] = defaultdict(list)
     for use in result.uses:
-        if not patterns or any(pattern.matches(use.tag) for pattern in patterns):
+        if not patterns or filters.matches_any(patterns, use.tag):
             grouped[use.tag].append(use)
     return dict(grouped)
 
@@ -115,4 +121,5 @@ def _ownership_note(binary: str, modules: list[str]) -> str:
 
 def _note_row(note: str, address: int | None = None) -> tuple:
     where = format_hints.Hex(address) if address is not None else renderers.NotApplicableValue()
-    return ("", "", "", renderers.NotApplicableValue(), where, "", "", note)
+    absent = renderers.NotApplicableValue()
+    return ("", absent, "", "", absent, where, "", "", note)

@@ -13,7 +13,7 @@ from volplugins.pool import addresses, exits, hexdump, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Chunk
-from volplugins.pool.tags import tag_text
+from volplugins.pool.tags import is_protected, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ _COLUMNS = [
     ("PreviousSize", format_hints.Hex),
     ("State", str),
     ("Tag", str),
+    ("Protected", bool),
     ("Backing", str),
     ("Pool", str),
     ("Object", str),
@@ -113,7 +114,8 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 format_hints.Hex(chunk.size),
                 format_hints.Hex(chunk.previous_size),
                 chunk.state.value,
-                tag_text(chunk.tag),
+                tag_text(unprotected(chunk.tag)),
+                is_protected(chunk.tag),
                 chunk.backing.value,
                 chunk.pool or renderers.NotAvailableValue(),
                 answer.object.describe() if is_owner and answer.object else "",
@@ -137,7 +139,8 @@ class PoolOwner(interfaces.plugins.PluginInterface):
     def _note_row(self, address: int | None, region: str, note: str) -> tuple:
         absent = renderers.NotApplicableValue()
         where = absent if address is None else format_hints.Hex(address)
-        return (where, region, "", absent, absent, absent, "", "", "", "", "", "", "", note) + self._contents(None, None)
+        return ((where, region, "", absent, absent, absent, "", "", absent, "", "", "", "", "", note)
+                + self._contents(None, None))
 
     def run(self) -> renderers.TreeGrid:
         requested = self._addresses()
@@ -147,7 +150,9 @@ class PoolOwner(interfaces.plugins.PluginInterface):
 
 def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, description: str, binary: str) -> str:
     """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota."""
-    parts = [f"Pooltag {tag_text(chunk.tag)} : {description or 'unknown'}, Binary : {binary or 'unknown'}"]
+    protected = " (Protected)" if is_protected(chunk.tag) else ""
+    parts = [f"Pooltag {tag_text(unprotected(chunk.tag))}{protected} : {description or 'unknown'}, "
+             f"Binary : {binary or 'unknown'}"]
     if answer.quota_note(chunk):
         parts.append(answer.quota_note(chunk))
     return "; ".join(parts)

@@ -3,36 +3,37 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterator
 
 from volatility3.framework import automagic, contexts, exceptions, interfaces, plugins, renderers
 from volatility3.framework.configuration import requirements
 
-from volplugins.pool import census, plugin_options, poolmon, scan
-from volplugins.pool.attribution import TagAttribution, load_attribution
+from volplugins.pool import census, exits, filters, plugin_options, poolmon, scan
+from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.tags import compile_pattern, tag_text
+from volplugins.pool.tags import is_protected, tag_text, unprotected
 from volplugins.pool.tracker import tracker_rows
 
 vollog = logging.getLogger(__name__)
 
-JSON_SNIFF = 64  # leading bytes read to tell a saved JSON run from a memory image
 FINDINGS_SHOWN = 10  # scan findings logged one by one; the rest are counted
-_UTF8_BOM = b"\xef\xbb\xbf"
+SELECTING_OPTIONS = ("tag", "exclude", "pool", "top", "unknown")  # options that leave tags out of a snapshot
 
-_COLUMNS = [("Tag", str), ("Type", str), ("Allocs", int), ("Frees", int), ("Diff", int), ("Bytes", int),
-            ("PerAlloc", int)]
+_COLUMNS = [("Tag", str), ("Protected", bool), ("Type", str), ("Allocs", int), ("Frees", int), ("Diff", int),
+            ("Bytes", int), ("PerAlloc", int)]
 _SCAN_COLUMNS = [("ScanAllocs", int), ("ScanBytes", int), ("ScanFree", int), ("ScanFreeBytes", int),
                  ("Mismatch", str)]
-_GROWTH_COLUMNS = [("Tag", str), ("Type", str), ("BaselineAllocs", int), ("BaselineBytes", int), ("Allocs", int),
-                   ("Bytes", int), ("DiffAllocs", int), ("DiffBytes", int)]
+_GROWTH_COLUMNS = [("Tag", str), ("Protected", bool), ("Type", str), ("BaselineAllocs", int),
+                   ("BaselineBytes", int), ("Allocs", int), ("Bytes", int), ("DiffAllocs", int), ("DiffBytes", int)]
 _OWNER_COLUMNS = [("Description", str), ("Binary", str)]
 
 
 class PoolTags(interfaces.plugins.PluginInterface):
     """Per-tag pool usage from the kernel's tag trackers, like PoolMon; optionally checked against a walk of
-    every chunk, or compared with an earlier snapshot to find what leaks."""
+    every chunk, or compared with an earlier snapshot to find what leaks.
+
+    Example: vol -f later.raw windows.pooltags --baseline earlier.json --top 10
+    """
 
     _required_framework_version = (2, 0, 0)
     _version = (1, 0, 0)
@@ -44,7 +45,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
             requirements.ChoiceRequirement(
                 name="sort",
                 choices=list(poolmon.SORT_KEYS),
-                description="Order rows by this column, largest first (tag: alphabetical)",
+                description="Order rows by this column, largest first (tag: alphabetical; default: bytes)",
                 default="bytes",
                 optional=True,
             ),
@@ -53,16 +54,16 @@ class PoolTags(interfaces.plugins.PluginInterface):
             requirements.ListRequirement(
                 name="pool",
                 element_type=str,
-                description="Only these pools: nonpaged, paged, session",
+                description="Only these pools: nonpaged, paged, session (default: all)",
                 optional=True,
             ),
             requirements.IntRequirement(
-                name="top", description="Show only the first N rows (before the totals row)", optional=True
+                name="top", description="Show only the first N rows (before the totals row; default: all)",
+                optional=True,
             ),
             plugin_options.flag("unknown", "Only tags that no description file (nor, with --driver-scan, any "
                                 "driver) accounts for"),
-            plugin_options.flag("driver-scan", "Name binaries of tags by scanning loaded drivers' code for the "
-                                "tags they allocate with"),
+            plugin_options.driver_scan(DriverScan.NEVER),
             plugin_options.flag("scan", "Also walk every pool chunk and show what was found beside the tracker's "
                                 "counts"),
             requirements.StringRequirement(
@@ -71,18 +72,22 @@ class PoolTags(interfaces.plugins.PluginInterface):
                             "`vol -r json windows.pooltags` run; rows show growth ranked by bytes",
                 optional=True,
             ),
+            plugin_options.flag("any-kernel", "Compare with a --baseline of another kernel build (warn instead "
+                                "of refusing)"),
             plugin_options.pooltag_files(),
         ]
 
     def run(self) -> renderers.TreeGrid:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
-        baseline = self._baseline() if self.config.get("baseline") else None
-        if baseline is not None:
+        selection = self._filters()
+        if self.config.get("baseline"):
             if self.config.get("scan"):
-                vollog.warning("--scan is not shown when comparing with --baseline")
-            return renderers.TreeGrid(_GROWTH_COLUMNS + _OWNER_COLUMNS, self._growth_rows(kernel, baseline))
+                exits.refuse("--scan and --baseline are two views; give one of them")
+            baseline = self._baseline(kernel)
+            return renderers.TreeGrid(_GROWTH_COLUMNS + _OWNER_COLUMNS, self._growth_rows(kernel, baseline,
+                                                                                          selection))
         columns = _COLUMNS + (_SCAN_COLUMNS if self.config.get("scan") else []) + _OWNER_COLUMNS
-        return renderers.TreeGrid(columns, self._snapshot_rows(kernel))
+        return renderers.TreeGrid(columns, self._snapshot_rows(kernel, selection))
 
     # -- the current image -----------------------------------------------------
     def _current(self, kernel: Kernel, with_scan: bool) -> list[poolmon.PoolRow]:
@@ -105,22 +110,29 @@ class PoolTags(interfaces.plugins.PluginInterface):
 
     def _tags(self, kernel: Kernel) -> TagAttribution:
         """Descriptions (each bad line logged once by the loader), binaries completed by --driver-scan."""
-        driver_scan = bool(self.config.get("driver-scan"))
-        if driver_scan:
+        mode = DriverScan.parse(self.config.get("driver-scan") or DriverScan.NEVER.value)
+        if mode is DriverScan.ALWAYS:
             self._progress_callback(0.0, "Scanning driver code for pool tags")
-        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], driver_scan)
+        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], mode)
         for finding in tags.findings:
             vollog.info("driver scan: %s at %#x", finding.reason, finding.address)
         return tags
 
     def _filters(self) -> dict:
-        include = [compile_pattern(text) for text in self.config.get("tag") or []]
-        exclude = [compile_pattern(text) for text in self.config.get("exclude") or []]
+        """The row selection from the options; refuses the run for a pool name or count it cannot use."""
+        include = filters.parse_patterns(self.config.get("tag"))
+        exclude = filters.parse_patterns(self.config.get("exclude"))
+        for text in filters.unmatchable(include + exclude):
+            vollog.warning("tag pattern %r is longer than a 4-byte tag and matches nothing", text)
         pools = None
         if self.config.get("pool"):
             pools, unknown = poolmon.pool_columns(self.config["pool"])
             if unknown:
-                vollog.error("unknown pool(s) %s: choose from nonpaged, paged, session", ", ".join(unknown))
+                exits.refuse(f"unknown pool(s) {', '.join(unknown)} for --pool: choose from nonpaged, paged, "
+                             "session")
+        top = self.config.get("top")
+        if top is not None and top < 0:
+            exits.refuse(f"--top {top}: give a count of rows, 0 or more")
         return {"include": include, "exclude": exclude, "pools": pools,
                 "unknown_only": bool(self.config.get("unknown"))}
 
@@ -128,79 +140,118 @@ class PoolTags(interfaces.plugins.PluginInterface):
         """The --sort column; the command line refuses others, a caller configuring the plugin may not."""
         key = self.config.get("sort") or "bytes"
         if key not in poolmon.SORT_KEYS:
-            vollog.error("unknown sort key %r: choose from %s; sorting by bytes", key, ", ".join(poolmon.SORT_KEYS))
-            return "bytes"
+            exits.refuse(f"unknown sort key {key!r}: choose from {', '.join(poolmon.SORT_KEYS)}")
         return key
 
-    def _snapshot_rows(self, kernel: Kernel) -> Iterator[tuple[int, tuple]]:
+    def _selected(self, rows: list, selection: dict) -> list:
+        """The rows the options select, the first --top of them; a note says why when none are left."""
+        chosen = poolmon.select(rows, **selection)
+        shown = poolmon.top(chosen, self.config.get("top"))
+        if rows and not shown:
+            vollog.warning("no rows to show: %s", self._why_empty(rows, chosen, selection))
+        return shown
+
+    def _why_empty(self, rows: list, chosen: list, selection: dict) -> str:
+        if chosen:
+            return "--top 0 leaves none"
+        if selection["pools"] is not None and not any(row.pool in selection["pools"] for row in rows):
+            return (f"the image's tag tables hold no {' or '.join(sorted(selection['pools']))} rows"
+                    + (" (this kernel keeps no session tag table)" if "Session" in selection["pools"] else ""))
+        options = " ".join(f"--{name}" for name in SELECTING_OPTIONS if self.config.get(name))
+        return f"no tag matches {options}"
+
+    def _snapshot_rows(self, kernel: Kernel, selection: dict) -> Iterator[tuple[int, tuple]]:
         with_scan = bool(self.config.get("scan"))
         rows = poolmon.describe(self._current(kernel, with_scan), self._tags(kernel).describe)
-        rows = poolmon.select(rows, **self._filters())
-        shown = poolmon.top(poolmon.sort_rows(rows, self._sort_key()), self.config.get("top"))
-        for row in [*shown, poolmon.total(shown)]:
+        shown = self._selected(poolmon.sort_rows(rows, self._sort_key()), selection)
+        for row in shown:
             yield 0, _snapshot_values(row, with_scan)
+        total = poolmon.total(shown)
+        note = poolmon.snapshot_note(poolmon.kernel_identity(kernel), self._selecting_options())
+        yield 0, _snapshot_values(total, with_scan)[:-2] + (note, "")
+
+    def _selecting_options(self) -> list[str]:
+        """The options of this run that leave tags out, as typed (``--top 5``, ``--tag Nt*``)."""
+        given = []
+        for name in SELECTING_OPTIONS:
+            value = self.config.get(name)
+            if value is True:
+                given.append(f"--{name}")
+            elif isinstance(value, list) and value:
+                given.append(f"--{name} {' '.join(value)}")
+            elif isinstance(value, int) and not isinstance(value, bool):
+                given.append(f"--{name} {value}")
+        return given
 
     # -- comparison with an earlier snapshot -------------------------------------
-    def _growth_rows(self, kernel: Kernel, baseline: list[poolmon.PoolRow]) -> Iterator[tuple[int, tuple]]:
+    def _growth_rows(self, kernel: Kernel, baseline: list[poolmon.PoolRow],
+                     selection: dict) -> Iterator[tuple[int, tuple]]:
         rows = poolmon.growth(baseline, self._current(kernel, with_scan=False))
-        rows = poolmon.select(poolmon.describe(rows, self._tags(kernel).describe), **self._filters())
-        shown = poolmon.top(rows, self.config.get("top"))
+        shown = self._selected(poolmon.describe(rows, self._tags(kernel).describe), selection)
         for row in [*shown, poolmon.growth_total(shown)]:
-            yield 0, (tag_text(row.tag), row.pool, row.baseline_allocs, row.baseline_bytes, row.allocs,
-                      row.bytes, row.diff_allocs, row.diff_bytes, row.description, row.binary)
+            yield 0, (_tag(row.tag), is_protected(row.tag), row.pool, row.baseline_allocs, row.baseline_bytes,
+                      row.allocs, row.bytes, row.diff_allocs, row.diff_bytes, row.description, row.binary)
 
-    def _baseline(self) -> list[poolmon.PoolRow] | None:
-        """The earlier snapshot's rows, or None (with the reason logged) so the current rows still print."""
-        path = Path(self.config["baseline"])
+    def _baseline(self, kernel: Kernel) -> list[poolmon.PoolRow]:
+        """The earlier snapshot's rows; refuses the run for a baseline that is missing, unreadable, partial or
+        (unless --any-kernel) of another kernel build."""
+        path = self.config["baseline"]
         try:
-            with path.open("rb") as handle:
-                head = handle.read(JSON_SNIFF)
+            is_json = poolmon.is_json_file(path)
         except OSError as error:
-            vollog.error("baseline %s: cannot read: %s", path, error.strerror or error)
-            return None
-        if head.removeprefix(_UTF8_BOM).lstrip()[:1] in (b"[", b"{"):
-            return self._baseline_from_json(path)
-        return self._baseline_from_image(path)
+            exits.refuse(f"baseline {path}: {error.strerror or error}")
+        if is_json:
+            loaded = poolmon.read_snapshot_file(path)
+            if loaded.error is not None:
+                exits.refuse(f"baseline {path}: {loaded.error}")
+            if loaded.selection not in (None, poolmon.EVERY_TAG):
+                exits.refuse(f"baseline {path} is not a full snapshot: it was saved with {loaded.selection}; "
+                             "save a run without --tag, --exclude, --pool, --top or --unknown")
+            self._check_kernel(path, loaded.kernel, poolmon.kernel_identity(kernel))
+            return loaded.rows
+        other = self._baseline_kernel(path)
+        self._check_kernel(path, poolmon.kernel_identity(other), poolmon.kernel_identity(kernel))
+        tracked = tracker_rows(other)
+        for finding in tracked.findings:
+            vollog.warning("baseline tag tracker: %s at %#x", finding.reason, finding.address)
+        return poolmon.from_tracker(tracked.rows)
 
-    def _baseline_from_json(self, path: Path) -> list[poolmon.PoolRow] | None:
-        try:
-            text = path.read_bytes().removeprefix(_UTF8_BOM).decode("utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            vollog.error("baseline %s: cannot read as UTF-8 JSON: %s", path, error)
-            return None
-        loaded = poolmon.parse_snapshot(text)
-        if loaded.error is not None:
-            vollog.error("baseline %s: %s; showing the current image only", path, loaded.error)
-            return None
-        return loaded.rows
+    def _check_kernel(self, path: str, theirs: str | None, ours: str) -> None:
+        if theirs is None:
+            vollog.warning("baseline %s does not say which kernel it was taken of; comparing anyway", path)
+        elif theirs != ours:
+            message = f"baseline {path} is of another kernel build ({theirs}; this image: {ours})"
+            if not self.config.get("any-kernel"):
+                exits.refuse(message + "; give --any-kernel to compare anyway")
+            vollog.warning("%s; comparing anyway", message)
 
-    def _baseline_from_image(self, path: Path) -> list[poolmon.PoolRow] | None:
+    def _baseline_kernel(self, path: str) -> Kernel:
         """Open the other image in a context of its own, with the same automagic a fresh run would use."""
-        self._progress_callback(0.0, f"Opening baseline image {path.name}")
+        self._progress_callback(0.0, f"Opening baseline image {path}")
         context = contexts.Context()
         context.config["automagic.LayerStacker.single_location"] = (
-            requirements.URIRequirement.location_from_file(str(path.resolve()))
+            requirements.URIRequirement.location_from_file(path)
         )
         try:
             chosen = automagic.choose_automagic(automagic.available(context), type(self))
             other = plugins.construct_plugin(context, chosen, type(self), "plugins", self._progress_callback,
                                              self.open)
         except exceptions.UnsatisfiedException as error:
-            vollog.error("baseline %s: no Windows kernel found in it (unsatisfied: %s); showing the current image only",
-                         path, ", ".join(error.unsatisfied))
-            return None
+            exits.refuse(f"baseline {path}: no Windows kernel found in it (unsatisfied: "
+                         f"{', '.join(error.unsatisfied)})")
         except exceptions.VolatilityException as error:
-            vollog.error("baseline %s: cannot open: %s; showing the current image only", path, error)
-            return None
-        tracked = tracker_rows(Kernel.from_module(context, other.config["kernel"]))
-        for finding in tracked.findings:
-            vollog.warning("baseline tag tracker: %s at %#x", finding.reason, finding.address)
-        return poolmon.from_tracker(tracked.rows)
+            exits.refuse(f"baseline {path}: cannot open: {error}")
+        return Kernel.from_module(context, other.config["kernel"])
+
+
+def _tag(tag: bytes) -> str:
+    """A tag as PoolMon shows it: without the protected bit (the Protected column says it was set)."""
+    return tag_text(unprotected(tag)) or census.UNTAGGED_LABEL
 
 
 def _snapshot_values(row: poolmon.PoolRow, with_scan: bool) -> tuple:
-    tag = tag_text(row.tag) or census.UNTAGGED_LABEL
-    values: tuple = (tag, row.pool, row.allocs, row.frees, row.diff, row.bytes, row.per_alloc)
+    values: tuple = (_tag(row.tag), is_protected(row.tag), row.pool, row.allocs, row.frees, row.diff, row.bytes,
+                     row.per_alloc)
     if with_scan:
         counts = row.scan or poolmon.ScanCounts()
         values += (counts.allocated, counts.allocated_bytes, counts.free, counts.free_bytes,

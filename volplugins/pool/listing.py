@@ -1,0 +1,60 @@
+"""The census listing's labels: each chunk's region, the file a dumped chunk is written to, and free chunks
+grouped under the free-space summary of their region and backing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from . import freespace, regions
+from .filters import ChunkFilter
+from .kernel import Kernel
+from .model import Chunk
+
+_FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
+
+
+def region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
+    """Region name per chunk address (one lookup per page: chunks of a page share their region)."""
+    by_page: dict[int, str] = {}
+    names = {}
+    page_mask = ~(kernel.page_size - 1)
+    for chunk in chunks:
+        page = chunk.address & page_mask
+        if page not in by_page:
+            by_page[page] = regions.classify(kernel, chunk.address).name
+        names[chunk.address] = by_page[page]
+    return names
+
+
+def dump_file_name(chunk: Chunk) -> str:
+    """``<address>.<tag>.pool``, tag bytes other than letters, digits, '-' and '_' written as %XX."""
+    tag = "".join(chr(byte) if _FILENAME_SAFE.fullmatch(bytes([byte])) else f"%{byte:02X}" for byte in chunk.tag)
+    return f"{chunk.address:#x}.{tag or 'notag'}.pool"
+
+
+@dataclass(frozen=True)
+class FreeChunk:
+    """A free chunk of a summary's group, with the tag of what was freed there."""
+
+    chunk: Chunk
+    region: str
+    stale: freespace.StaleTag
+
+
+def free_space(kernel: Kernel, chunks: Iterable[Chunk], names: dict[int, str],
+               wanted: ChunkFilter) -> Iterator[tuple[freespace.FreeSummary, list[FreeChunk]]]:
+    """Each free-space summary of the regions ``wanted`` selects, with its free chunks whose stale tag, size
+    and state pass the other filters."""
+    pairs = [(chunk, names[chunk.address]) for chunk in chunks
+             if chunk.state in freespace.FREE_STATES and wanted.region_matches(names[chunk.address])]
+    for summary in freespace.summarize(pairs):
+        members = []
+        for chunk, region in pairs:
+            if region != summary.region or chunk.backing.value != summary.backing:
+                continue
+            stale = freespace.stale_tag(kernel, chunk)
+            if wanted.matches(chunk, region, stale.tag):
+                members.append(FreeChunk(chunk, region, stale))
+        yield summary, members

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from samples.flavors import FLAVORS
@@ -50,3 +52,13 @@ def test_empty_results_say_why(samples):
     result = run_cli("-f", str(sample.image), "windows.pooltags", "--top", "0", cache_dir=sample.cache,
                      renderer="quick")
     assert "no rows to show: --top 0 leaves none" in result.stderr
+
+
+@pytest.mark.parametrize("plugin", ["poolowner", "pooltags", "poolcensus", "pooldrivers"])
+def test_help_shows_every_default_and_an_example(plugin, cache_dir):
+    result = run_cli(f"windows.{plugin}", "-h", cache_dir=cache_dir, renderer="quick")
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split("options:", 1)[1].split("\nExample: ", 1)
+    assert len(options) == 2 and f"windows.{plugin}" in options[1]
+    blocks = re.split(r"\n  (?=--)", options[0])[1:]
+    assert blocks and all("default" in block for block in blocks), [b for b in blocks if "default" not in b]

@@ -17,7 +17,7 @@ from volplugins.pool import exits, poolmon, tags
 from volplugins.pool.census import UNTAGGED_LABEL
 from volplugins.pool.census import CensusRow
 from volplugins.pool.tracker import TagCounters
-from volrun import VolSession, cli_json, run_cli
+from volrun import VolSession, cli_json, raw_tag_text, run_cli
 
 PLUGIN = "windows.pooltags.PoolTags"
 COLUMN = {"NonPaged": "Nonp", "NonPagedNx": "Nonp", "Paged": "Paged", "Session": "Session"}
@@ -39,11 +39,6 @@ def tracker_view(rows) -> set[tuple]:
 def plugin_view(rows) -> set[tuple]:
     """The rows as the manifest writes them: raw tag text (the protected bit set again), pool, counters."""
     return {(raw_tag_text(r), r["Type"], r["Allocs"], r["Frees"], r["Bytes"]) for r in rows if r["Type"] != "Total"}
-
-
-def raw_tag_text(record: dict) -> str:
-    raw = tags.tag_from_text(record["Tag"])
-    return tags.tag_text(raw[:-1] + bytes([raw[-1] | tags.PROTECTED_TAG_BIT]) if record["Protected"] else raw)
 
 
 def row(tag: bytes, pool: str = "Nonp", allocs: int = 0, frees: int = 0, size: int = 0, **extra) -> poolmon.PoolRow:
@@ -351,9 +346,9 @@ def test_baseline_json_round_trip(samples, leaked, tmp_path, cache_dir, caplog):
 def _assert_leak_first(rows: list[dict], manifest: dict) -> None:
     (record,) = manifest["extras"]["leak"]
     first, *others = rows[:-1]
-    assert (first["Tag"], first["Type"], first["DiffAllocs"], first["DiffBytes"]) == \
+    assert (first["Tag"], first["Type"], first["GrowthLive"], first["GrowthBytes"]) == \
         ("NfkR", "Nonp", 400, record["bytes"])
-    assert first["Allocs"] - first["BaselineAllocs"] == 400
-    assert all(r["DiffAllocs"] == 0 and r["DiffBytes"] == 0 for r in others)
+    assert first["Live"] - first["BaselineLive"] == 400
+    assert all(r["GrowthLive"] == 0 and r["GrowthBytes"] == 0 for r in others)
     assert len(rows) - 1 == len(manifest["tracker"])
-    assert rows[-1]["Tag"] == "TOTAL" and rows[-1]["DiffBytes"] == record["bytes"]
+    assert rows[-1]["Tag"] == "TOTAL" and rows[-1]["GrowthBytes"] == record["bytes"]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from volplugins.pool import runner
+from volplugins.pool import runner, tags
 
 ROOT = Path(__file__).resolve().parent.parent
 SYMBOLS = ROOT / "symbols"
@@ -35,6 +35,12 @@ def run_cli(*arguments: str, cache_dir: Path, renderer: str = "json", timeout: i
     ]
     environment = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def raw_tag_text(row: dict) -> str:
+    """A row's tag as the manifests write it: the protected bit the Protected column reports set again."""
+    raw = tags.tag_from_text(row["Tag"])
+    return tags.tag_text(raw[:-1] + bytes([raw[-1] | tags.PROTECTED_TAG_BIT]) if row.get("Protected") else raw)
 
 
 def cli_json(*arguments: str, cache_dir: Path) -> list[dict]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from . import freespace, regions
 from .filters import ChunkFilter
 from .kernel import Kernel
-from .model import Chunk
+from .model import Backing, Chunk, State
+from .tags import is_protected, tag_text, unprotected
 
 _FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
 
@@ -28,9 +29,22 @@ def region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
     return names
 
 
+def shown_tag(chunk: Chunk) -> tuple[str, bool]:
+    """A chunk's tag as PoolMon and ``!pool`` show it, and whether the protected bit was set.
+
+    The bytes a free VS chunk shows in place of a tag belong to its encoded header, not to a tag: they are
+    shown as they are (``7+\\x80#``), with no protected bit read into them.
+    """
+    if chunk.backing is Backing.VS and chunk.state is State.FREE:
+        return tag_text(chunk.tag), False
+    return tag_text(unprotected(chunk.tag)), is_protected(chunk.tag)
+
+
 def dump_file_name(chunk: Chunk) -> str:
-    """``<address>.<tag>.pool``, tag bytes other than letters, digits, '-' and '_' written as %XX."""
-    tag = "".join(chr(byte) if _FILENAME_SAFE.fullmatch(bytes([byte])) else f"%{byte:02X}" for byte in chunk.tag)
+    """``<address>.<tag>.pool`` with the tag as the listing shows it (no protected bit), bytes other than
+    letters, digits, '-' and '_' written as %XX."""
+    tag = "".join(chr(byte) if _FILENAME_SAFE.fullmatch(bytes([byte])) else f"%{byte:02X}"
+                  for byte in unprotected(chunk.tag))
     return f"{chunk.address:#x}.{tag or 'notag'}.pool"
 
 

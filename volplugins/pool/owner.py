@@ -8,7 +8,7 @@ in no pool gets its region and a reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import bigpages, classic, objects, regions, scan, segheap
 from .kernel import Kernel
@@ -27,6 +27,7 @@ class OwnerAnswer:
     reason: str = ""  # why there is no owner, when there is none
     object: objects.ObjectInfo | None = None
     quota_process_name: str = ""
+    freed_big: bigpages.BigAllocation | None = None  # a freed big allocation that held the address
 
     @property
     def is_pool(self) -> bool:
@@ -71,6 +72,8 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
     if answer.owner is None and not kernel.is_valid(address):
         return OwnerAnswer(address, region.name, answer.chunks, None, answer.findings,
                            reason="address is not mapped (invalid or paged out)")
+    if answer.owner is not None and answer.owner.state is State.FREE:
+        answer = replace(answer, freed_big=bigpages.find_freed_big(kernel, address))
     return _with_details(kernel, answer)
 
 
@@ -105,5 +108,4 @@ def _with_details(kernel: Kernel, answer: OwnerAnswer) -> OwnerAnswer:
     quota_name = ""
     if chunk.quota_process is not None:
         quota_name = objects.process_name(kernel, chunk.quota_process)
-    return OwnerAnswer(answer.address, answer.region, answer.chunks, answer.owner, answer.findings,
-                       answer.reason, found, quota_name)
+    return replace(answer, object=found, quota_process_name=quota_name)

@@ -20,7 +20,7 @@ def pooltag_files() -> requirements.ListRequirement:
     return requirements.ListRequirement(
         name="pooltag-file",
         element_type=str,
-        description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE)",
+        description="Tag description file(s) in pooltag.txt format (also $VOLPOOL_POOLTAG_FILE; default: none)",
         optional=True,
     )
 
@@ -28,13 +28,14 @@ def pooltag_files() -> requirements.ListRequirement:
 def tag_patterns(what: str, name: str = "tag") -> requirements.ListRequirement:
     """A list of tag patterns; ``what`` says what they select, e.g. "Only chunks whose tag matches one of these"."""
     return requirements.ListRequirement(
-        name=name, element_type=str, description=f"{what} ({TAG_PATTERN_HELP})", optional=True
+        name=name, element_type=str, description=f"{what} ({TAG_PATTERN_HELP}; default: none)", optional=True
     )
 
 
 def flag(name: str, description: str) -> requirements.BooleanRequirement:
     """An on/off option, off unless given."""
-    return requirements.BooleanRequirement(name=name, description=description, default=False, optional=True)
+    return requirements.BooleanRequirement(name=name, description=f"{description} (default: off)", default=False,
+                                           optional=True)
 
 
 def driver_scan(default: DriverScan) -> requirements.ChoiceRequirement:

@@ -289,7 +289,7 @@ def read_snapshot_file(path: str | Path) -> SnapshotFile:
     return parse_snapshot(text)
 
 
-_GROWTH_COLUMNS = {"BaselineAllocs", "DiffAllocs", "DiffBytes"}
+_GROWTH_COLUMNS = {"BaselineLive", "BaselineBytes", "BaselineAllocs"}  # any of them marks a growth table
 
 
 def parse_snapshot(text: str) -> SnapshotFile:
@@ -306,7 +306,7 @@ def parse_snapshot(text: str) -> SnapshotFile:
     records = list(_flatten(data))
     if not records:
         return SnapshotFile(error="no rows (expected the list of rows `vol -r json windows.pooltags` writes)")
-    if _GROWTH_COLUMNS <= records[0].keys():
+    if _GROWTH_COLUMNS & records[0].keys():
         return SnapshotFile(error="this is a growth table from a --baseline run, not a snapshot; "
                                   "save a run without --baseline")
     rows = []

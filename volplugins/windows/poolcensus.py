@@ -90,7 +90,25 @@ _CARVE_COLUMNS = [
     ("Freed", bool),
 ]
 _VALIDATE_COLUMNS = [("Address", format_hints.Hex), ("Region", str), ("Reason", str)]
-_COVERAGE_COLUMNS = [("Measure", str), ("Value", int)]
+_COVERAGE_COLUMNS = [("Measure", str), ("Value", int), ("Meaning", str)]
+_COVERAGE_MEANINGS = {
+    "chunks": "pool chunks found (every view starts from these)",
+    "findings": "problems the walk met (--validate lists them)",
+    "heaps": "segment heap pool heaps walked",
+    "segments": "segment heap segments walked",
+    "subsegments": "VS and LFH subsegments walked",
+    "pages_walked": "pages read: busy page ranges (segment heap), mapped pool-region pages (classic)",
+    "pages_unreadable": "pages of busy pool ranges the image holds no copy of (paged out, decommitted, or left "
+                        "out of the image); chunk headers on them could not be read",
+    "big_entries": "in-use big page table entries, live and freed",
+    "vs_subsegments": "VS subsegments walked",
+    "lfh_subsegments": "LFH subsegments walked",
+    "whole_ranges": "segment page ranges allocated as one block",
+    "classic_pages": "classic pool pages whose chunk chain covers the page exactly",
+    "pages_not_pool": "mapped pages of the pool regions that hold no chunk chain (other data, big allocations)",
+    "bytes_read": "bytes read from the image",
+    "milliseconds": "time the walk took",
+}
 
 
 def _hex_or_absent(value: int | None):
@@ -107,7 +125,10 @@ def _time_or_absent(value: int | None):
 
 class PoolCensus(interfaces.plugins.PluginInterface):
     """Lists every pool chunk (filters: tag, state, size, big, region), or one of the other views: the big page
-    table, free space, objects carved from free chunks, consistency findings, walk coverage."""
+    table, free space, objects carved from free chunks, consistency findings, walk coverage.
+
+    Example: vol -f mem.raw -o out windows.poolcensus --tag Proc,Thre --allocated --dump
+    """
 
     _required_framework_version = (2, 0, 0)
     _version = (1, 0, 0)
@@ -119,16 +140,16 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             plugin_options.tag_patterns("Only chunks whose tag matches one of these patterns, e.g. Proc Nt* 'Irp '"),
             plugin_options.flag("free", "Only free and cached-free chunks"),
             plugin_options.flag("allocated", "Only allocated chunks"),
-            requirements.IntRequirement(name="min-size", description="Only chunks of at least this many bytes",
+            requirements.IntRequirement(name="min-size", description="Only chunks of at least this many bytes (default: any size)",
                                         optional=True),
-            requirements.IntRequirement(name="max-size", description="Only chunks of at most this many bytes",
+            requirements.IntRequirement(name="max-size", description="Only chunks of at most this many bytes (default: any size)",
                                         optional=True),
             plugin_options.flag("big", "Only big and large allocations (no pool header, tracked in the big page "
                                 "table)"),
             requirements.StringRequirement(
                 name="region",
                 description="Only chunks in this kernel region (case insensitive, a prefix is enough), "
-                            "e.g. 'Paged pool', nonpaged",
+                            "e.g. 'Paged pool', nonpaged (default: every region)",
                 optional=True,
             ),
             plugin_options.flag("bigpages", "View: every in-use PoolBigPageTable entry, freed ones flagged"),
@@ -332,14 +353,15 @@ class PoolCensus(interfaces.plugins.PluginInterface):
 
     def _coverage_rows(self, kernel: Kernel) -> Iterator[tuple[int, tuple]]:
         result = self._scan(kernel)
-        yield 0, ("chunks", len(result.chunks))
-        yield 0, ("findings", len(result.findings))
+        measures = [("chunks", len(result.chunks)), ("findings", len(result.findings))]
         for item in dataclasses.fields(result.coverage):
             value = getattr(result.coverage, item.name)
-            if isinstance(value, float):
-                yield 0, (f"{item.name}_ms", round(value * 1000))
+            if item.name == "seconds":
+                measures.append(("milliseconds", round(value * 1000)))
             else:
-                yield 0, (item.name, int(value))
+                measures.append((item.name, int(value)))
+        for name, value in measures:
+            yield 0, (name, value, _COVERAGE_MEANINGS.get(name, ""))
 
     def run(self) -> renderers.TreeGrid:
         view = self._view()

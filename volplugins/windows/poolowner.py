@@ -9,7 +9,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import addresses, exits, hexdump, owner, plugin_options
+from volplugins.pool import addresses, exits, freespace, hexdump, listing, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Chunk
@@ -29,6 +29,7 @@ _COLUMNS = [
     ("State", str),
     ("Tag", str),
     ("Protected", bool),
+    ("StaleTag", str),
     ("Backing", str),
     ("Pool", str),
     ("Object", str),
@@ -55,13 +56,14 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             requirements.ListRequirement(
                 name="address",
                 element_type=str,
-                description="Address(es) to look up: hex, with or without 0x (WinDbg's ffffdc01`55e94340 works too)",
+                description="Address(es) to look up: hex, with or without 0x (WinDbg's ffffdc01`55e94340 works too; "
+                            "default: none, give this or --address-file)",
                 optional=True,
             ),
             requirements.StringRequirement(
                 name="address-file",
                 description="File with addresses to look up (UTF-8 or UTF-16 text), one or more per line, "
-                            "'#' starts a comment",
+                            "'#' starts a comment (default: none)",
                 optional=True,
             ),
             plugin_options.flag("contents", "Also dump the owning allocation's first 4 KiB as hex and text "
@@ -105,7 +107,9 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             yield 0, self._note_row(answer.address, answer.region, answer.headline())
         for chunk in answer.chunks:
             is_owner = answer.owner is not None and chunk == answer.owner
-            description, binary = tags.describe(chunk.tag) if is_owner else ("", "")
+            stale = freespace.stale_tag(kernel, chunk).tag if chunk.state in freespace.FREE_STATES else b""
+            description, binary = tags.describe(stale or chunk.tag) if is_owner else ("", "")
+            tag, protected = listing.shown_tag(chunk)
             values = (
                 format_hints.Hex(answer.address),
                 answer.region,
@@ -114,14 +118,15 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 format_hints.Hex(chunk.size),
                 format_hints.Hex(chunk.previous_size),
                 chunk.state.value,
-                tag_text(unprotected(chunk.tag)),
-                is_protected(chunk.tag),
+                tag,
+                protected,
+                tag_text(unprotected(stale)),
                 chunk.backing.value,
                 chunk.pool or renderers.NotAvailableValue(),
                 answer.object.describe() if is_owner and answer.object else "",
                 description,
                 binary,
-                _owner_note(answer, chunk, description, binary) if is_owner else "",
+                _owner_note(answer, chunk, stale, description, binary) if is_owner else "",
             )
             yield 0, values + self._contents(kernel, chunk if is_owner else None)
         for finding in answer.findings:
@@ -139,7 +144,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
     def _note_row(self, address: int | None, region: str, note: str) -> tuple:
         absent = renderers.NotApplicableValue()
         where = absent if address is None else format_hints.Hex(address)
-        return ((where, region, "", absent, absent, absent, "", "", absent, "", "", "", "", "", note)
+        return ((where, region, "", absent, absent, absent, "", "", absent, "", "", "", "", "", "", note)
                 + self._contents(None, None))
 
     def run(self) -> renderers.TreeGrid:
@@ -148,8 +153,17 @@ class PoolOwner(interfaces.plugins.PluginInterface):
         return renderers.TreeGrid(columns, self._generator(requested))
 
 
-def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, description: str, binary: str) -> str:
-    """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota."""
+def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, stale: bytes, description: str, binary: str) -> str:
+    """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota;
+    for a free owner, what was freed there (``Free (was: CM16 : ...)``), from the tag its last user left."""
+    if chunk.state in freespace.FREE_STATES:
+        was = (f"was: {tag_text(unprotected(stale))} : {description or 'unknown'}, Binary : {binary or 'unknown'}"
+               if stale else "nothing left in it names what was freed here")
+        big = answer.freed_big
+        if big is not None and big.va != chunk.address:
+            was += (f"; a freed big allocation held this address: {tag_text(unprotected(big.tag))}, "
+                    f"{big.size:#x} bytes at {big.va:x}")
+        return f"{chunk.state.value} ({was})"
     protected = " (Protected)" if is_protected(chunk.tag) else ""
     parts = [f"Pooltag {tag_text(unprotected(chunk.tag))}{protected} : {description or 'unknown'}, "
              f"Binary : {binary or 'unknown'}"]

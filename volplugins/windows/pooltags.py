@@ -23,8 +23,9 @@ _COLUMNS = [("Tag", str), ("Protected", bool), ("Type", str), ("Allocs", int), (
             ("Bytes", int), ("PerAlloc", int)]
 _SCAN_COLUMNS = [("ScanAllocs", int), ("ScanBytes", int), ("ScanFree", int), ("ScanFreeBytes", int),
                  ("Mismatch", str)]
-_GROWTH_COLUMNS = [("Tag", str), ("Protected", bool), ("Type", str), ("BaselineAllocs", int),
-                   ("BaselineBytes", int), ("Allocs", int), ("Bytes", int), ("DiffAllocs", int), ("DiffBytes", int)]
+# Live counts (PoolMon's Diff) on both sides: cumulative Allocs would grow with any busy tag, not only leaks.
+_GROWTH_COLUMNS = [("Tag", str), ("Protected", bool), ("Type", str), ("BaselineLive", int), ("BaselineBytes", int),
+                   ("Live", int), ("Bytes", int), ("GrowthLive", int), ("GrowthBytes", int)]
 _OWNER_COLUMNS = [("Description", str), ("Binary", str)]
 
 
@@ -69,7 +70,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
             requirements.StringRequirement(
                 name="baseline",
                 description="Earlier snapshot to compare with: a memory image, or the JSON of a "
-                            "`vol -r json windows.pooltags` run; rows show growth ranked by bytes",
+                            "`vol -r json windows.pooltags` run; rows show growth ranked by bytes (default: none)",
                 optional=True,
             ),
             plugin_options.flag("any-kernel", "Compare with a --baseline of another kernel build (warn instead "

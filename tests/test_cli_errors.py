@@ -100,3 +100,45 @@ def test_dump_into_an_output_path_that_is_not_a_directory(samples, tmp_path):
     result = run_cli("-o", str(not_a_directory), "-f", str(sample.image), "windows.poolcensus", "--tag", "Proc",
                      "--dump", cache_dir=sample.cache, renderer="quick")
     assert_refused(result, "--dump cannot write to the output directory (-o)")
+
+
+# -- baselines -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def win7_snapshots(samples, tmp_path_factory):
+    """A full and a --top 5 JSON snapshot of the Windows 7 sample, saved as a user would."""
+    sample = samples["win7-sp1"]
+    folder = tmp_path_factory.mktemp("snapshots")
+    saved = {}
+    for name, options in (("full", ()), ("top", ("--top", "5"))):
+        result = vol(sample, "windows.pooltags", *options, renderer="json")
+        assert result.returncode == 0, result.stderr
+        saved[name] = folder / f"{name}.json"
+        saved[name].write_text(result.stdout)
+    return saved
+
+
+def test_baseline_of_another_kernel_is_refused_unless_asked_for(samples, win7_snapshots):
+    sample = samples["win10-19041"]
+    full = win7_snapshots["full"]
+    assert_refused(vol(sample, "windows.pooltags", "--baseline", str(full)),
+                   f"baseline {full} is of another kernel build (PDB ")
+    result = vol(sample, "windows.pooltags", "--baseline", str(full), "--any-kernel", renderer="json")
+    assert result.returncode == 0
+    assert f"baseline {full} is of another kernel build" in result.stderr and "comparing anyway" in result.stderr
+    rows = json.loads(result.stdout)
+    assert rows[-1]["Type"] == "Total" and rows[-1]["BaselineBytes"] == sum(
+        r["bytes"] for r in samples["win7-sp1"].manifest["tracker"])
+
+
+def test_partial_json_baseline_is_refused(samples, win7_snapshots):
+    top = win7_snapshots["top"]
+    assert_refused(vol(samples["win7-sp1"], "windows.pooltags", "--baseline", str(top)),
+                   f"baseline {top} is not a full snapshot: it was saved with only --top 5")
+
+
+def test_baseline_image_of_another_kernel_is_refused(samples):
+    other = samples["win7-sp1"].image
+    assert_refused(vol(samples["win10-19041"], "windows.pooltags", "--baseline", str(other)),
+                   f"baseline {other} is of another kernel build")

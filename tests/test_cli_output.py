@@ -62,3 +62,35 @@ def test_help_shows_every_default_and_an_example(plugin, cache_dir):
     assert len(options) == 2 and f"windows.{plugin}" in options[1]
     blocks = re.split(r"\n  (?=--)", options[0])[1:]
     assert blocks and all("default" in block for block in blocks), [b for b in blocks if "default" not in b]
+
+
+def owner_row(sample, address: int) -> dict:
+    rows = cli_json("-f", str(sample.image), "windows.poolowner", "--address", hex(address), cache_dir=sample.cache)
+    (row,) = [row for row in rows if row["Owner"] == "*"]
+    return row
+
+
+def test_free_chunks_say_what_was_freed(samples):
+    """A classic free chunk keeps its tag, a free VS chunk the pool header of what it held, a freed big page
+    table entry its tag: the owner line names it, not the encoded header bytes."""
+    classic = samples["win7-sp1"]
+    freed = next(a for a in classic.manifest["allocations"]
+                 if a["state"] == "Free" and a["backing"] == "Page" and tag_name(a["tag"]) == b"Proc")
+    row = owner_row(classic, freed["address"] + 0x10)
+    assert (row["Chunk"], row["State"], row["Tag"], row["StaleTag"]) == (freed["address"], "Free", "Proc", "Proc")
+    assert row["Note"] == "Free (was: Proc : Process objects, Binary : nt!ps)"
+
+    segment_heap = samples["win10-19041"]
+    listed = cli_json("-f", str(segment_heap.image), "windows.poolcensus", "--free-analysis", "--tag", "Proc",
+                      cache_dir=segment_heap.cache)
+    vs_free = next(child for row in listed for child in row["__children"] if child["Backing"] == "VS")
+    row = owner_row(segment_heap, vs_free["Address"] + 0x20)
+    assert (row["Chunk"], row["State"], row["StaleTag"]) == (vs_free["Address"], "Free", "Proc")
+    assert row["Tag"] != "Proc"  # the encoded header bytes, as !pool prints them
+    assert row["Note"] == "Free (was: Proc : Process objects, Binary : nt!ps)"
+
+    big = next(entry for entry in segment_heap.manifest["big_pages"] if entry["free"])
+    row = owner_row(segment_heap, big["va"] + 0x100)
+    assert row["State"] == "Free"
+    assert f"{big['tag']}" in row["Note"] and (f"{big['size']:#x} bytes at {big['va']:x}" in row["Note"]
+                                               or row["Note"].startswith(f"Free (was: {big['tag']} :"))

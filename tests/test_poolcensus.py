@@ -172,18 +172,25 @@ def test_free_analysis_tag_filter_uses_stale_tags(sample):
 
 
 def test_a_clean_image_validates_clean(sample):
-    assert scan_rows(sample, validate=True) == []
+    (clean,) = scan_rows(sample, validate=True)
+    chunks = len(sample.manifest["allocations"])
+    assert clean["Address"] is None and clean["Reason"] == f"no problems found in {chunks} chunks"
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_validate_reports_each_corruption_and_nothing_else(flavor, tmp_path, cache_dir):
+def test_validate_reports_each_corruption_and_nothing_else(flavor, tmp_path, cache_dir, caplog):
     kinds = corruptions_of(flavor)
     result = build_image(flavor, seed=3, size=32 << 20, out_dir=tmp_path, chunks=1500, corrupt=kinds)
     corruptions = json.loads(result.manifest_path.read_text())["extras"]["corruptions"]
     assert [c["kind"] for c in corruptions] == list(kinds)
-    rows = VolSession(result.image_path, cache_dir).rows(PLUGIN, **(DEFAULTS | {"validate": True}))
+    session = VolSession(result.image_path, cache_dir)
+    rows = session.rows(PLUGIN, **(DEFAULTS | {"validate": True}))
     assert sorted(row["Address"] for row in rows) == sorted(c["address"] for c in corruptions)
     assert all(row["Reason"] and row["Region"].endswith("pool") for row in rows)
+    with caplog.at_level(logging.WARNING):
+        session.rows(PLUGIN, **(DEFAULTS | {"coverage": True}))
+    announced = [record.getMessage() for record in caplog.records if "--validate lists them" in record.getMessage()]
+    assert announced == [f"{len(rows)} problem(s) found in the pools; --validate lists them"]
 
 
 def test_dump_writes_each_listed_chunks_bytes(sample, tmp_path):

@@ -17,6 +17,7 @@ are read from the renderer's nested ``__children`` lists as well.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import json
 import re
@@ -26,11 +27,13 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from .census import CensusRow
 from .kernel import Kernel
+from .model import Chunk
 from .tagdb import UNKNOWN_BINARY
 from .filters import matches_any
 from .tags import PROTECTED_TAG_BIT, TAG_LENGTH, TagPattern, tag_from_text
 from .tracker import TagCounters
 
+OWN_TABLES = (b"Pool", "Nonp")  # the tag and pool Windows charges its big page table and tag tables to
 TOTAL_TAG = b"TOTAL"  # five bytes: no pool tag can be mistaken for the totals row
 TOTAL_TYPE = "Total"  # the totals row's Type, so that a pipeline reading rows can tell it from a tag's
 EVERY_TAG = "every tag"  # what a full snapshot's totals row says it sums
@@ -51,10 +54,12 @@ class ScanCounts:
     allocated_bytes: int = 0
     free: int = 0
     free_bytes: int = 0
+    bookkeeping: int = 0  # live allocations charged to the tag that are no pool chunk (see OWN_TABLES)
 
     def __add__(self, other: ScanCounts) -> ScanCounts:
         return ScanCounts(self.allocated + other.allocated, self.allocated_bytes + other.allocated_bytes,
-                          self.free + other.free, self.free_bytes + other.free_bytes)
+                          self.free + other.free, self.free_bytes + other.free_bytes,
+                          self.bookkeeping + other.bookkeeping)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class PoolRow(TagCounters):
     @property
     def mismatch(self) -> bool:
         """The tracker's outstanding count disagrees with the allocated chunks a scan found."""
-        return self.scan is not None and self.scan.allocated != self.diff
+        return self.scan is not None and self.scan.allocated + self.scan.bookkeeping != self.diff
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,13 @@ def from_tracker(counters: Iterable[TagCounters]) -> list[PoolRow]:
     return [PoolRow(c.tag, c.pool, c.allocs, c.frees, c.bytes) for c in counters]
 
 
-def with_census(rows: Iterable[PoolRow], census: Iterable[CensusRow]) -> list[PoolRow]:
+def with_census(rows: Iterable[PoolRow], census: Iterable[CensusRow], own_tables: int = 0) -> list[PoolRow]:
     """Rows with the scanned chunks beside the tracker counters.
 
     Allocator pools fold into the tracker's columns (NonPaged and NonPagedNx
     are both 'Nonp').  Every row gets scan counts (zero when nothing was
     found); a tag found only by the scan gets a row with zero tracker counters.
+    ``own_tables`` (see :func:`unwalked_tables`) counts as found on the row that is charged for them.
     """
     scanned: dict[tuple[bytes, str], ScanCounts] = {}
     for item in census:
@@ -116,9 +122,24 @@ def with_census(rows: Iterable[PoolRow], census: Iterable[CensusRow]) -> list[Po
         counts = ScanCounts(item.allocated, item.allocated_bytes, item.free + item.cached_free,
                             item.free_bytes + item.cached_free_bytes)
         scanned[key] = scanned.get(key, ScanCounts()) + counts
+    if own_tables:
+        scanned[OWN_TABLES] = scanned.get(OWN_TABLES, ScanCounts()) + ScanCounts(bookkeeping=own_tables)
     out = [replace(row, scan=scanned.pop((row.tag, row.pool), ScanCounts())) for row in rows]
     out += [PoolRow(tag, pool, scan=counts) for (tag, pool), counts in sorted(scanned.items())]
     return out
+
+
+def unwalked_tables(addresses: Iterable[int], chunks: Sequence[Chunk]) -> int:
+    """How many of the allocator's own tables (at ``addresses``; 0 for a table that does not exist) lie in no
+    walked chunk: Windows charges them to tag Pool although no pool walk meets them as chunks, so a scan
+    that does not find them is no mismatch.  ``chunks`` in address order, as the scan returns them."""
+    starts = [chunk.address for chunk in chunks]
+    unwalked = 0
+    for address in addresses:
+        index = bisect.bisect_right(starts, address) - 1
+        if address and not (index >= 0 and chunks[index].contains(address)):
+            unwalked += 1
+    return unwalked
 
 
 def describe(rows: Iterable[Row], lookup: Callable[[bytes], tuple[str, str]]) -> list[Row]:

@@ -220,14 +220,16 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             vollog.warning("tag file %s line %s: %s", *warning)
         return tags
 
-    def _scan(self, kernel: Kernel) -> scan.PoolScan:
+    def _scan(self, kernel: Kernel, announce_problems: bool = True) -> scan.PoolScan:
+        """Every chunk; when the walk met problems, a note counts them as --validate will list them."""
         result = scan.scan_pools(kernel, progress=self._progress_callback)
         coverage = result.coverage
         if coverage.pages_unreadable:
             vollog.info("%d pages of busy pool ranges are not in the image (decommitted or paged out; see "
                         "--coverage): chunk headers on them could not be read", coverage.pages_unreadable)
-        if result.findings:
-            vollog.warning("the walk met %d problem(s); --validate lists them", len(result.findings))
+        if result.findings and announce_problems:
+            vollog.warning("%d problem(s) found in the pools; --validate lists them",
+                           len(validate.validate(kernel, result)))
         return result
 
     def _check_region(self, wanted: ChunkFilter, names: Iterable[str]) -> None:
@@ -345,8 +347,10 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             )
 
     def _validate_rows(self, kernel: Kernel) -> Iterator[tuple[int, tuple]]:
-        findings = validate.validate(kernel, self._scan(kernel))
-        vollog.info("%d problem(s) found", len(findings))
+        result = self._scan(kernel, announce_problems=False)
+        findings = validate.validate(kernel, result)
+        if not findings:
+            yield 0, (renderers.NotApplicableValue(), "", f"no problems found in {len(result.chunks)} chunks")
         for finding in findings:
             yield 0, (format_hints.Hex(finding.address), regions.classify(kernel, finding.address).name,
                       finding.reason)

@@ -8,7 +8,7 @@ from typing import Iterator
 from volatility3.framework import automagic, contexts, exceptions, interfaces, plugins, renderers
 from volatility3.framework.configuration import requirements
 
-from volplugins.pool import census, exits, filters, plugin_options, poolmon, scan
+from volplugins.pool import bigpages, census, exits, filters, plugin_options, poolmon, scan
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tags import is_protected, tag_text, unprotected
@@ -17,6 +17,7 @@ from volplugins.pool.tracker import tracker_rows
 vollog = logging.getLogger(__name__)
 
 FINDINGS_SHOWN = 10  # scan findings logged one by one; the rest are counted
+OWN_TRACKING_TABLES = ("PoolTrackTable", "PoolTrackTableExpansion")  # allocated by the allocator for itself
 SELECTING_OPTIONS = ("tag", "exclude", "pool", "top", "unknown")  # options that leave tags out of a snapshot
 
 _COLUMNS = [("Tag", str), ("Protected", bool), ("Type", str), ("Allocs", int), ("Frees", int), ("Diff", int),
@@ -97,17 +98,21 @@ class PoolTags(interfaces.plugins.PluginInterface):
         for finding in tracked.findings:
             vollog.warning("tag tracker: %s at %#x", finding.reason, finding.address)
         rows = poolmon.from_tracker(tracked.rows)
-        if with_scan:
-            rows = poolmon.with_census(rows, self._census(kernel))
-        return rows
+        if not with_scan:
+            return rows
+        walked = self._walk(kernel)
+        tables = [table.address for table in tracked.tables if table.name in OWN_TRACKING_TABLES]
+        tables.append(bigpages.read_big_page_table(kernel).address)
+        own_tables = poolmon.unwalked_tables(tables, walked.chunks)
+        return poolmon.with_census(rows, scan.census(walked.chunks, group_untagged=True), own_tables)
 
-    def _census(self, kernel: Kernel) -> list[scan.CensusRow]:
+    def _walk(self, kernel: Kernel) -> scan.PoolScan:
         walked = scan.scan_pools(kernel, self._progress_callback)
         for finding in walked.findings[:FINDINGS_SHOWN]:
             vollog.warning("pool scan: %s at %#x", finding.reason, finding.address)
         if len(walked.findings) > FINDINGS_SHOWN:
             vollog.warning("pool scan: %d more findings", len(walked.findings) - FINDINGS_SHOWN)
-        return scan.census(walked.chunks, group_untagged=True)
+        return walked
 
     def _tags(self, kernel: Kernel) -> TagAttribution:
         """Descriptions (each bad line logged once by the loader), binaries completed by --driver-scan."""

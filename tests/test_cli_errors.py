@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from volplugins.pool import exits
+from volplugins.pool import addresses, exits
 from volrun import run_cli
 
 SEED_ADDRESS = 0xFFFFDC0155E94340
@@ -33,7 +33,6 @@ def assert_refused(result, message: str) -> None:
     ((), "no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE"),
     (("--address", "zz"), "no address to look up: not a hexadecimal address: 'zz'"),
     (("--address=-0x10",), "negative address: '-0x10'"),
-    (("--address", "0x1ffffffffffffffff"), "address does not fit in 64 bits: '0x1ffffffffffffffff'"),
     (("--address-file", "/nonexistent/addresses.txt"), "address file /nonexistent/addresses.txt: No such file"),
 ])
 def test_poolowner_refuses_when_nothing_can_be_looked_up(samples, arguments, message):
@@ -41,10 +40,8 @@ def test_poolowner_refuses_when_nothing_can_be_looked_up(samples, arguments, mes
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "is empty: no address in it"),
     (b"# only a comment\r\n\r\n", "is empty: no address in it"),
     (bytes(range(256)) * 4, "is not an address list"),
-    (b"MZ\x90 binary\nthis is not\nffffdc0155e94340\n", "is not an address list"),
 ])
 def test_poolowner_refuses_an_unusable_address_file(samples, tmp_path, content, message):
     listing = tmp_path / "addresses.txt"
@@ -53,11 +50,39 @@ def test_poolowner_refuses_an_unusable_address_file(samples, tmp_path, content, 
                    f"address file {listing} {message}")
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
-def test_poolowner_reads_address_files_in_windows_encodings(samples, tmp_path, encoding):
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty: no address in it"),
+    (b"MZ\x90 binary\nthis is not\nffffdc0155e94340\n", "is not an address list"),
+    (b"ffffdc0155e94340\x00\x00", "is not an address list"),
+])
+def test_address_files_that_cannot_serve(tmp_path, content, message):
     listing = tmp_path / "addresses.txt"
-    listing.write_bytes(f"# from a Windows tool\r\nffffdc01`55e94340\r\n".encode(encoding))
-    assert listing.read_bytes().startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF8))
+    listing.write_bytes(content)
+    with pytest.raises(addresses.AddressFileError, match=message):
+        addresses.addresses_from_file(listing)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("0x1ffffffffffffffff", "address does not fit in 64 bits: '0x1ffffffffffffffff'"),
+    ("-10", "negative address: '-10'"),
+    ("ffff`zz", "not a hexadecimal address: 'ffff`zz'"),
+])
+def test_bad_address_text_names_the_problem(text, error):
+    assert addresses.parse_address(text) == addresses.ParsedAddress(text, None, error)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16-le", "utf-16-be"])
+def test_address_files_in_windows_encodings(tmp_path, encoding):
+    listing = tmp_path / "addresses.txt"
+    bom = {"utf-8-sig": b"", "utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE}[encoding]
+    listing.write_bytes(bom + "# a comment\r\nffffdc01`55e94340, 0x10\r\n".encode(encoding))
+    assert [item.value for item in addresses.addresses_from_file(listing)] == [SEED_ADDRESS, 0x10]
+
+
+def test_poolowner_reads_a_utf16_address_file(samples, tmp_path):
+    listing = tmp_path / "addresses.txt"
+    listing.write_bytes("# from a Windows tool\r\nffffdc01`55e94340\r\n".encode("utf-16"))
+    assert listing.read_bytes().startswith(codecs.BOM_UTF16_LE)
     result = vol(samples["win10-19041"], "windows.poolowner", "--address-file", str(listing), renderer="json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)

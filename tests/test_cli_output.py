@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -32,7 +33,7 @@ def test_protected_tags_show_and_match_without_the_bit(samples, flavor):
 
     placed = {a["address"] for a in manifest["allocations"]
               if tag_name(a["tag"]) in (b"Proc", b"Thre") and a["state"] == "Allocated"}
-    listed = run("windows.poolcensus", "--tag", "Proc,Thre", "--allocated")
+    listed = [r for r in run("windows.poolcensus", "--tag", "Proc,Thre", "--allocated") if r["Address"] is not None]
     assert {r["Address"] for r in listed} == placed
     assert {(r["Tag"], r["Protected"]) for r in listed} == {("Proc", protected), ("Thre", protected)}
 
@@ -94,3 +95,26 @@ def test_free_chunks_say_what_was_freed(samples):
     assert row["State"] == "Free"
     assert f"{big['tag']}" in row["Note"] and (f"{big['size']:#x} bytes at {big['va']:x}" in row["Note"]
                                                or row["Note"].startswith(f"Free (was: {big['tag']} :"))
+
+
+def test_census_says_what_it_did_not_list(samples):
+    sample = samples["win10-19041"]
+    chunks = len(sample.manifest["allocations"])
+
+    def run(*arguments: str):
+        result = run_cli("-f", str(sample.image), "windows.poolcensus", *arguments, cache_dir=sample.cache)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout), result.stderr
+
+    rows, notes = run("--validate", "--dump")
+    assert [(row["Address"], row["Reason"]) for row in rows] == [(None, f"no problems found in {chunks} chunks")]
+    assert "--validate has nothing to dump, so nothing is written" in notes
+    rows, notes = run("--tag", "Process")
+    assert rows == []
+    assert "tag pattern 'Process' is longer than a 4-byte tag and matches nothing" in notes
+    assert f"no chunk matches the filters (--tag Process) among {chunks} chunks" in notes
+    rows, _ = run("--coverage")
+    measures = {row["Measure"]: row for row in rows}
+    assert measures["chunks"]["Value"] == chunks and all(row["Meaning"] for row in rows)
+    assert "milliseconds" in measures and not any(name.endswith("_ms") for name in measures)
+    assert "paged out" in measures["pages_unreadable"]["Meaning"]

@@ -14,6 +14,7 @@ from .model import Backing, Chunk, State
 from .tags import is_protected, tag_text, unprotected
 
 _FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
+SUMMARY = "Listed"  # how the listing's closing rows (no Address: counts per state and backing) start
 
 
 def region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
@@ -38,6 +39,16 @@ def shown_tag(chunk: Chunk) -> tuple[str, bool]:
     if chunk.backing is Backing.VS and chunk.state is State.FREE:
         return tag_text(chunk.tag), False
     return tag_text(unprotected(chunk.tag)), is_protected(chunk.tag)
+
+
+def counts(chunks: Iterable[Chunk]) -> dict[tuple[State, Backing], tuple[int, int]]:
+    """Chunks and bytes per (state, backing), in the order of the two enumerations."""
+    totals: dict[tuple[State, Backing], tuple[int, int]] = {}
+    for chunk in chunks:
+        count, size = totals.get((chunk.state, chunk.backing), (0, 0))
+        totals[(chunk.state, chunk.backing)] = (count + 1, size + chunk.size)
+    order = {member: position for position, member in enumerate([*State, *Backing])}
+    return dict(sorted(totals.items(), key=lambda item: (order[item[0][0]], order[item[0][1]])))
 
 
 def dump_file_name(chunk: Chunk) -> str:

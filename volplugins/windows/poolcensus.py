@@ -245,17 +245,18 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         regions_of = listing.region_names(kernel, result.chunks)
         self._check_region(wanted, regions_of.values())
         dump = bool(self.config.get("dump"))
+        listed: list[Chunk] = []
         for chunk in result.chunks:
             region = regions_of[chunk.address]
             if not wanted.matches(chunk, region):
                 continue
+            listed.append(chunk)
             description, binary = tags.describe(chunk.tag)
             written = self._dump(kernel, chunk) if dump else ""
             yield 0, (
                 format_hints.Hex(chunk.address),
                 format_hints.Hex(chunk.size),
-                tag_text(unprotected(chunk.tag)),
-                is_protected(chunk.tag),
+                *listing.shown_tag(chunk),
                 chunk.pool or renderers.NotAvailableValue(),
                 _hex_or_absent(chunk.pool_type),
                 chunk.state.value,
@@ -265,6 +266,20 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                 binary,
                 written,
             )
+        if result.chunks and not listed:
+            vollog.warning("no chunk matches the filters (%s) among %d chunks", self._filter_options(),
+                           len(result.chunks))
+        absent = renderers.NotApplicableValue()
+        for (state, backing), (count, size) in listing.counts(listed).items():
+            yield 0, (absent, format_hints.Hex(size), "", absent, "", absent, state.value, backing.value, "",
+                      f"{listing.SUMMARY}: {count} chunk(s)", "", "")
+
+    def _filter_options(self) -> str:
+        """The listing filters given, as typed."""
+        names = ("tag", "free", "allocated", "min-size", "max-size", "big", "region")
+        given = [(name, self.config.get(name)) for name in names if self.config.get(name) not in (None, False, [])]
+        return " ".join(f"--{name}" if value is True else f"--{name} {' '.join(map(str, value))}"
+                        if isinstance(value, list) else f"--{name} {value}" for name, value in given)
 
     def _dump(self, kernel: Kernel, chunk: Chunk) -> str:
         """Write one chunk; the listing is built before any row is shown, so a failed write refuses the run."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from volatility3.framework.configuration import requirements
 
 from .attribution import DriverScan
@@ -36,6 +38,21 @@ def flag(name: str, description: str) -> requirements.BooleanRequirement:
     """An on/off option, off unless given."""
     return requirements.BooleanRequirement(name=name, description=f"{description} (default: off)", default=False,
                                            optional=True)
+
+
+def given(config, names: Iterable[str]) -> list[str]:
+    """The options among ``names`` that a run was given, as a user types them (``--top 5``, ``--tag Nt* Irp``),
+    so that a message can say which options it is about."""
+    typed = []
+    for name in names:
+        value = config.get(name)
+        if value is True:
+            typed.append(f"--{name}")
+        elif isinstance(value, list) and value:
+            typed.append(f"--{name} {' '.join(map(str, value))}")
+        elif value not in (None, False, []):
+            typed.append(f"--{name} {value}")
+    return typed
 
 
 def driver_scan(default: DriverScan) -> requirements.ChoiceRequirement:

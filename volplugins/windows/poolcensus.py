@@ -25,6 +25,7 @@ from volplugins.pool.tags import is_protected, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
 
+FILTERS = ("tag", "free", "allocated", "min-size", "max-size", "big", "region")
 VIEWS = ("bigpages", "free-analysis", "carve", "validate", "coverage")
 FREED = (State.FREE, State.CACHED_FREE)
 
@@ -267,19 +268,12 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                 written,
             )
         if result.chunks and not listed:
-            vollog.warning("no chunk matches the filters (%s) among %d chunks", self._filter_options(),
-                           len(result.chunks))
+            vollog.warning("no chunk matches the filters (%s) among %d chunks",
+                           " ".join(plugin_options.given(self.config, FILTERS)), len(result.chunks))
         absent = renderers.NotApplicableValue()
         for (state, backing), (count, size) in listing.counts(listed).items():
             yield 0, (absent, format_hints.Hex(size), "", absent, "", absent, state.value, backing.value, "",
                       f"{listing.SUMMARY}: {count} chunk(s)", "", "")
-
-    def _filter_options(self) -> str:
-        """The listing filters given, as typed."""
-        names = ("tag", "free", "allocated", "min-size", "max-size", "big", "region")
-        given = [(name, self.config.get(name)) for name in names if self.config.get(name) not in (None, False, [])]
-        return " ".join(f"--{name}" if value is True else f"--{name} {' '.join(map(str, value))}"
-                        if isinstance(value, list) else f"--{name} {value}" for name, value in given)
 
     def _dump(self, kernel: Kernel, chunk: Chunk) -> str:
         """Write one chunk; the listing is built before any row is shown, so a failed write refuses the run."""
@@ -333,7 +327,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                 yield 1, (
                     member.region, summary.backing, absent, absent, absent, absent, absent, absent, absent,
                     format_hints.Hex(chunk.address), format_hints.Hex(chunk.size), chunk.state.value,
-                    tag_text(chunk.tag), tag_text(unprotected(stale.tag)), is_protected(stale.tag),
+                    listing.shown_tag(chunk)[0], tag_text(unprotected(stale.tag)), is_protected(stale.tag),
                     _hex_or_absent(stale.header), tags.describe(stale.tag)[0] if stale.tag else "",
                 )
 

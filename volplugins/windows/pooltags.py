@@ -89,7 +89,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
             return renderers.TreeGrid(_GROWTH_COLUMNS + _OWNER_COLUMNS, self._growth_rows(kernel, baseline,
                                                                                           selection))
         columns = _COLUMNS + (_SCAN_COLUMNS if self.config.get("scan") else []) + _OWNER_COLUMNS
-        return renderers.TreeGrid(columns, self._snapshot_rows(kernel, selection))
+        return renderers.TreeGrid(columns, self._snapshot_rows(kernel, selection, self._sort_key()))
 
     # -- the current image -----------------------------------------------------
     def _current(self, kernel: Kernel, with_scan: bool) -> list[poolmon.PoolRow]:
@@ -163,31 +163,17 @@ class PoolTags(interfaces.plugins.PluginInterface):
         if selection["pools"] is not None and not any(row.pool in selection["pools"] for row in rows):
             return (f"the image's tag tables hold no {' or '.join(sorted(selection['pools']))} rows"
                     + (" (this kernel keeps no session tag table)" if "Session" in selection["pools"] else ""))
-        options = " ".join(f"--{name}" for name in SELECTING_OPTIONS if self.config.get(name))
-        return f"no tag matches {options}"
+        return f"no tag matches {' '.join(plugin_options.given(self.config, SELECTING_OPTIONS))}"
 
-    def _snapshot_rows(self, kernel: Kernel, selection: dict) -> Iterator[tuple[int, tuple]]:
+    def _snapshot_rows(self, kernel: Kernel, selection: dict, sort_key: str) -> Iterator[tuple[int, tuple]]:
         with_scan = bool(self.config.get("scan"))
         rows = poolmon.describe(self._current(kernel, with_scan), self._tags(kernel).describe)
-        shown = self._selected(poolmon.sort_rows(rows, self._sort_key()), selection)
+        shown = self._selected(poolmon.sort_rows(rows, sort_key), selection)
         for row in shown:
             yield 0, _snapshot_values(row, with_scan)
         total = poolmon.total(shown)
-        note = poolmon.snapshot_note(poolmon.kernel_identity(kernel), self._selecting_options())
+        note = poolmon.snapshot_note(poolmon.kernel_identity(kernel), plugin_options.given(self.config, SELECTING_OPTIONS))
         yield 0, _snapshot_values(total, with_scan)[:-2] + (note, "")
-
-    def _selecting_options(self) -> list[str]:
-        """The options of this run that leave tags out, as typed (``--top 5``, ``--tag Nt*``)."""
-        given = []
-        for name in SELECTING_OPTIONS:
-            value = self.config.get(name)
-            if value is True:
-                given.append(f"--{name}")
-            elif isinstance(value, list) and value:
-                given.append(f"--{name} {' '.join(value)}")
-            elif isinstance(value, int) and not isinstance(value, bool):
-                given.append(f"--{name} {value}")
-        return given
 
     # -- comparison with an earlier snapshot -------------------------------------
     def _growth_rows(self, kernel: Kernel, baseline: list[poolmon.PoolRow],

@@ -141,9 +141,9 @@ def test_filters_select_what_the_manifest_says(sample, options, tag_wanted):
 def test_bigpages_view_matches_volatility3_bigpools(sample):
     ours = scan_rows(sample, bigpages=True)
     theirs = sample.session.rows("windows.bigpools.BigPools")
-    live = Counter((row["Address"], vol3_tag(raw_tag_text(row)), row["Size"]) for row in ours if row["Status"] == "Allocated")
+    live = Counter((row["Address"], vol3_tag(raw_tag_text(row)), row["Size"]) for row in ours if row["State"] == "Allocated")
     assert live == Counter((canonical(row["Allocation"]), row["Tag"], row["NumberOfBytes"]) for row in theirs)
-    freed = {(row["Address"], row["Size"]) for row in ours if row["Status"] == "Free"}
+    freed = {(row["Address"], row["Size"]) for row in ours if row["State"] == "Free"}
     assert freed == {(entry["va"], entry["size"]) for entry in sample.manifest["big_pages"] if entry["free"]}
     assert all(row["End"] == row["Address"] + row["Size"] for row in ours)
 
@@ -229,7 +229,7 @@ def test_dump_writes_each_listed_chunks_bytes(sample, tmp_path):
 def test_command_line_renders_json(samples):
     sample = samples["win7-sp1"]
     rows = cli_json("-f", str(sample.image), PLUGIN, "--bigpages", "--tag", "Mm*", cache_dir=sample.cache)
-    assert rows and all(row["Tag"].startswith("Mm") and row["Status"] in ("Allocated", "Free") for row in rows)
+    assert rows and all(row["Tag"].startswith("Mm") and row["State"] in ("Allocated", "Free") for row in rows)
 
 
 # -- library pieces on made-up records ----------------------------------------------

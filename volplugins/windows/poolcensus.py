@@ -51,7 +51,7 @@ _BIG_COLUMNS = [
     ("Tag", str),
     ("Protected", bool),
     ("PoolType", format_hints.Hex),
-    ("Status", str),
+    ("State", str),
     ("Region", str),
     ("Description", str),
 ]
@@ -301,10 +301,9 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                 format_hints.Hex(entry.va),
                 format_hints.Hex(entry.end),
                 format_hints.Hex(entry.size),
-                tag_text(unprotected(entry.tag)),
-                is_protected(entry.tag),
+                *listing.shown_tag(as_chunk),
                 _hex_or_absent(entry.pool_type),
-                "Free" if entry.free else "Allocated",
+                state.value,
                 region,
                 tags.describe(entry.tag)[0],
             )

@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import Kernel
+from .kernel import PAGE_SIZE, Kernel
 from .model import Finding
 from .tags import printable_tag, unprotected
 
@@ -45,10 +45,8 @@ MAX_MODULES = 4096
 MAX_IMAGE_SIZE = 64 << 20  # larger than any driver; a bigger SizeOfImage is a bad entry
 MAX_NAME_BYTES = 1024
 WALK_BUDGET = 512  # instructions visited per resolved argument
-PAGE = 0x1000
 IMAGE_SCN_CNT_CODE = 0x20
 IMAGE_SCN_MEM_EXECUTE = 0x20000000
-SECTION_HEADER_SIZE = 40
 MASK32 = 0xFFFFFFFF
 MASK64 = (1 << 64) - 1
 
@@ -156,24 +154,41 @@ class SectionHeader:
 
 def section_headers(image: bytes) -> list[SectionHeader]:
     """The section table of a PE image (empty when the headers are not a PE)."""
-    if len(image) < 0x40 or image[:2] != b"MZ":
+    pe = _pe(image)
+    if pe is None:
         return []
-    nt = struct.unpack_from("<I", image, 0x3C)[0]
-    if nt + 24 > len(image) or image[nt : nt + 4] != b"PE\0\0":
-        return []
-    count, = struct.unpack_from("<H", image, nt + 6)
-    optional_size, = struct.unpack_from("<H", image, nt + 20)
-    table = nt + 24 + optional_size
-    out = []
-    for index in range(min(count, 96)):
-        start = table + index * SECTION_HEADER_SIZE
-        if start + SECTION_HEADER_SIZE > len(image):
-            break
-        name = image[start : start + 8].rstrip(b"\0").decode("latin-1")
-        size, rva, raw_size = struct.unpack_from("<III", image, start + 8)
-        characteristics, = struct.unpack_from("<I", image, start + 36)
-        out.append(SectionHeader(name, rva, size or raw_size, characteristics))
-    return out
+    return [SectionHeader(section.Name.rstrip(b"\0").decode("latin-1"), section.VirtualAddress,
+                          section.Misc_VirtualSize or section.SizeOfRawData, section.Characteristics)
+            for section in pe.sections]
+
+
+def _pe(image: bytes):
+    """``pefile``'s view of a PE image's headers, or None when they are not a PE."""
+    import pefile  # imported lazily: the rest of the library does not need it
+
+    try:
+        return pefile.PE(data=image, fast_load=True)
+    except (pefile.PEFormatError, struct.error, ValueError, IndexError):
+        return None
+
+
+def _as_file(image: bytes):
+    """``pefile``'s view of an image in memory layout, for reading what its sections hold (None: not a PE).
+
+    pefile reads files, where sections sit at their raw offsets; in memory they sit at their RVAs, so the
+    section table is rewritten (raw offset = RVA, raw size = virtual size) and read again.
+    """
+    import pefile
+
+    pe = _pe(image)
+    if pe is None:
+        return None
+    for section in pe.sections:
+        section.PointerToRawData, section.SizeOfRawData = section.VirtualAddress, section.Misc_VirtualSize
+    try:
+        return pefile.PE(data=bytes(pe.write()), fast_load=True)
+    except (pefile.PEFormatError, struct.error, ValueError, IndexError):
+        return None
 
 
 def _code_ranges(image: bytes, readable: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -428,13 +443,13 @@ def _stack_effect(operation: str, parts: list[str], location: str):
 def import_slots(image: bytes, image_base: int) -> dict[int, str]:
     """IAT slot address -> routine name, from the import name table (needs the import directory's pages).
 
-    The image is in memory layout, so section raw offsets are rewritten to
-    equal their RVAs before ``pefile`` reads it.
     """
     import pefile
 
+    pe = _as_file(image)
+    if pe is None:
+        return {}
     try:
-        pe = pefile.PE(data=_as_file_layout(image), fast_load=True)
         pe.OPTIONAL_HEADER.ImageBase = image_base
         pe.parse_data_directories(directories=[pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_IMPORT"]])
     except (pefile.PEFormatError, struct.error, ValueError, IndexError):
@@ -445,26 +460,6 @@ def import_slots(image: bytes, image_base: int) -> dict[int, str]:
             if entry.name and entry.address:
                 slots[entry.address & MASK64] = entry.name.decode("latin-1")
     return slots
-
-
-def _as_file_layout(image: bytes) -> bytes:
-    """A copy of ``image`` whose section table says raw offset = RVA and raw size = virtual size."""
-    out = bytearray(image)
-    if len(image) < 0x40:
-        return bytes(out)
-    nt = struct.unpack_from("<I", image, 0x3C)[0]
-    if nt + 24 > len(image):
-        return bytes(out)
-    count, = struct.unpack_from("<H", image, nt + 6)
-    optional_size, = struct.unpack_from("<H", image, nt + 20)
-    table = nt + 24 + optional_size
-    for index in range(min(count, 96)):
-        start = table + index * SECTION_HEADER_SIZE
-        if start + SECTION_HEADER_SIZE > len(out):
-            break
-        virtual_size, rva = struct.unpack_from("<II", out, start + 8)
-        struct.pack_into("<II", out, start + 16, virtual_size, rva)
-    return bytes(out)
 
 
 def bound_slots(image: bytes, image_base: int, routines: Mapping[int, str]) -> dict[int, str]:
@@ -559,7 +554,7 @@ def read_module_image(kernel: Kernel, module: LoadedModule) -> ModuleImage:
         readable.append((rva, length))
     readable = _merge(readable)
     image = ModuleImage(bytes(data), readable)
-    if not _covers(readable, 0, PAGE):
+    if not _covers(readable, 0, PAGE_SIZE):
         image.findings.append(Finding(module.base, f"{module.name}: headers paged out"))
         return image
     for section in section_headers(image.data):
@@ -586,9 +581,9 @@ def _covers(runs: list[tuple[int, int]], start: int, size: int) -> bool:
 
 
 def _missing_pages(runs: list[tuple[int, int]], start: int, size: int) -> int:
-    first = start // PAGE
-    last = (start + max(size, 1) - 1) // PAGE
-    return sum(1 for page in range(first, last + 1) if not _covers(runs, page * PAGE, PAGE))
+    first = start // PAGE_SIZE
+    last = (start + max(size, 1) - 1) // PAGE_SIZE
+    return sum(1 for page in range(first, last + 1) if not _covers(runs, page * PAGE_SIZE, PAGE_SIZE))
 
 
 def routine_addresses(kernel: Kernel) -> dict[int, str]:
@@ -636,7 +631,7 @@ def scan_drivers(kernel: Kernel, include_kernel: bool = False) -> DriverScanResu
             findings.append(Finding(module.base, f"{module.name}: image unreadable"))
             continue
         findings.extend(image.findings)
-        if not _covers(image.readable, 0, PAGE):
+        if not _covers(image.readable, 0, PAGE_SIZE):
             continue
         slots = bound_slots(image.data, module.base, routines) | import_slots(image.data, module.base)
         found = find_tag_uses(image.data, module.base, slots, direct=routines if is_kernel else None,

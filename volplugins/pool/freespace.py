@@ -105,21 +105,21 @@ def stale_tag(kernel: Kernel, chunk: Chunk) -> StaleTag:
         data = kernel.read(chunk.address, min(chunk.size, STALE_SEARCH_LIMIT), pad=True)
     except exceptions.InvalidAddressException:
         return StaleTag(b"", None)
-    offset = stale_header_offset(data, layout)
+    offset = stale_header_offset(data, layout, kernel.type_size("_HEAP_VS_CHUNK_FREE_HEADER"))
     if offset is None:
         return StaleTag(b"", None)
     return StaleTag(decode(data, layout, offset).tag, chunk.address + offset)
 
 
-def stale_header_offset(data: bytes, layout: HeaderLayout) -> int | None:
+def stale_header_offset(data: bytes, layout: HeaderLayout, free_header_size: int) -> int | None:
     """Offset of the first intact-looking pool header of a VS free chunk's bytes, or None.
 
     A pool header in a VS block has PreviousSize 0 (cache-aligned second headers aside), the in-use bit
-    in its PoolType, a printable tag and a BlockSize that ends inside the chunk.  The chunk's own 16-byte
-    header and the free-tree node after it are skipped.
+    in its PoolType, a printable tag and a BlockSize that ends inside the chunk.  The chunk's free header
+    (``sizeof(_HEAP_VS_CHUNK_FREE_HEADER)``: its chunk header and the free-tree node) is skipped.
     """
     unit = layout.unit
-    for offset in range(2 * unit, len(data) - unit + 1, unit):
+    for offset in range(free_header_size, len(data) - unit + 1, unit):
         header = decode(data, layout, offset)
         if (header.previous_size == 0 and header.block_size and header.pool_type & IN_USE_BIT
                 and offset + header.block_size <= len(data) and printable_tag(header.tag)):

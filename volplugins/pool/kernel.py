@@ -117,6 +117,11 @@ class IsfTypes:
         return dict(self._isf.get("enums", {}).get(name, {}).get("constants", {}))
 
 
+def page_base(address: int) -> int:
+    """The first byte of the page holding ``address``."""
+    return address & ~(PAGE_SIZE - 1)
+
+
 def canonical(address: int, bits: int = 48) -> int:
     """Sign-extend an address Volatility 3 keeps masked to ``bits`` (kernel offsets) to its canonical form."""
     if address >> (bits - 1) & 1 and address < (1 << bits):

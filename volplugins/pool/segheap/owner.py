@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kernel import PAGE_SIZE, Kernel
+from ..kernel import Kernel, page_base
 from ..model import Chunk, Finding
 from .chunks import Walk, whole_range
 from .decoders import RangeKind
@@ -74,7 +74,7 @@ def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | No
     if isinstance(page_range, Finding):
         return OwnerResult(address, heap, segment, findings=(page_range,))
     cached = cached_free_addresses(kernel) if cached is None else cached
-    page = address & ~(PAGE_SIZE - 1)
+    page = page_base(address)
     walk = Walk.of(kernel, heap.pool, cached)
     chunks: list[Chunk] = []
     findings: list[Finding] = []
@@ -87,7 +87,7 @@ def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | No
             holds = start <= address < end
             if holds:
                 owner = item
-            if holds or item.address & ~(PAGE_SIZE - 1) == page:
+            if holds or page_base(item.address) == page:
                 chunks.append(item)
     elif page_range.kind is RangeKind.LFH:
         for item in lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size, page):

@@ -6,7 +6,7 @@ import functools
 
 from volatility3.framework import exceptions
 
-from ..kernel import PAGE_SIZE, Kernel
+from ..kernel import PAGE_SIZE, Kernel, page_base
 
 
 class Pages:
@@ -36,7 +36,7 @@ class Pages:
         """
         if self._span_start <= start and end <= self._span_start + len(self._span):
             return self._span, self._span_start, frozenset()
-        first = start & ~(PAGE_SIZE - 1)
+        first = page_base(start)
         pages = [(base, self._page(base)) for base in range(first, end, PAGE_SIZE)]
         holes = frozenset(base for base, page in pages if page is None)
         return b"".join(bytes(PAGE_SIZE) if page is None else page for _, page in pages), first, holes
@@ -56,13 +56,13 @@ class Pages:
         offset = address - self._span_start
         if 0 <= offset and offset + size <= len(self._span):
             return self._span[offset : offset + size]
-        base = address & ~(PAGE_SIZE - 1)
+        base = page_base(address)
         if address + size <= base + PAGE_SIZE:  # the common case: inside one page
             page = self._page(base)
             return None if page is None else page[address - base : address - base + size]
         out = bytearray()
         while size > 0:
-            base = address & ~(PAGE_SIZE - 1)
+            base = page_base(address)
             page = self._page(base)
             if page is None:
                 return None

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from .. import poolheader
-from ..kernel import PAGE_SIZE, Kernel
+from ..kernel import PAGE_SIZE, Kernel, page_base
 from ..model import Backing, Chunk, Finding, State, new_chunk
 from .chunks import Walk, is_cached, pool_chunk
 from .decoders import (VsHeader, decode_vs_header, vs_block_has_pool_header, vs_free_tag, vs_pool_header_address,
@@ -50,9 +50,8 @@ class _Buffer:
         """Whether [address, address + size) (at most a page) lies in the buffer on readable pages."""
         if address < self.base or address + size > self.end:
             return False
-        page_mask = ~(PAGE_SIZE - 1)
-        return not self.holes or (address & page_mask not in self.holes
-                                  and (address + size - 1) & page_mask not in self.holes)
+        return not self.holes or (page_base(address) not in self.holes
+                                  and page_base(address + size - 1) not in self.holes)
 
 
 def _chain(walk: Walk, buffer: _Buffer, chunk: int, end: int, heap_key: int) -> Iterator[Extent]:
@@ -120,7 +119,7 @@ def _general(walk: Walk, chunk: int, chunk_end: int) -> Chunk:
     block_size = chunk_end - heap_block
     if not vs_block_has_pool_header(heap_block, block_size, unit):
         # Big requests are handed out page aligned: padding between the chunk header and the page may precede.
-        start = min(-(-heap_block // PAGE_SIZE) * PAGE_SIZE, chunk_end)
+        start = min(page_base(heap_block + PAGE_SIZE - 1), chunk_end)
         state = State.CACHED_FREE if is_cached(walk.cached, heap_block, start) else State.ALLOCATED
         return Chunk(start, chunk_end - start, 0, b"", state, Backing.VS, walk.pool, body=start)
     address = vs_pool_header_address(heap_block, unit)

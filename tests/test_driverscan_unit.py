@@ -19,7 +19,8 @@ from samples.flavors import FLAVORS, SYMBOLS
 from samples.image import Image
 from samples.isf import KernelTypes
 from volplugins.pool import driverscan
-from volplugins.pool.driverscan import bound_slots, find_tag_uses, import_slots, plausible_tag
+from volplugins.pool.driverscan import find_tag_uses, plausible_tag
+from volplugins.pool.modules import bound_slots, import_slots
 
 BASE = 0xFFFFF80564A00000
 KERNEL_BASE = 0xFFFFF80563A00000

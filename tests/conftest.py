@@ -28,6 +28,7 @@ class Sample:
         self.manifest = json.loads(manifest.read_text())
         self.cache = cache
         self._session: VolSession | None = None
+        self._kernel = None
 
     @property
     def session(self) -> VolSession:
@@ -38,9 +39,12 @@ class Sample:
 
     @property
     def kernel(self):
+        """One kernel per sample: what the library learns of a kernel is kept on it."""
         from volplugins.pool.kernel import Kernel
 
-        return Kernel.from_module(self.session.context, self.session.kernel_module)
+        if self._kernel is None:
+            self._kernel = Kernel.from_module(self.session.context, self.session.kernel_module)
+        return self._kernel
 
 
 @pytest.fixture(scope="session")

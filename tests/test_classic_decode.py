@@ -7,7 +7,9 @@ builds from the real Windows 7 and Windows 10 ISFs in ``symbols/``.
 
 from __future__ import annotations
 
+import gc
 import struct
+import weakref
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,17 @@ def win7() -> tuple[Kernel, SparseLayer]:
 @pytest.fixture(scope="module")
 def win10() -> tuple[Kernel, SparseLayer]:
     return make_kernel(WIN10)
+
+
+def test_what_is_learnt_of_a_kernel_goes_with_it():
+    """Layouts and values read once per kernel are kept on the kernel: dropping it frees the image's context."""
+    kernel, layer = make_kernel(WIN10)
+    layer.put(kernel.symbol_address("ExpPoolQuotaCookie"), COOKIE.to_bytes(8, "little"))
+    assert poolheader.header_layout(kernel).unit == 16 and poolheader.quota_cookie(kernel) == COOKIE
+    context = weakref.ref(kernel.context)
+    del kernel, layer
+    gc.collect()
+    assert context() is None
 
 
 def pool_header(previous: int, blocks: int, pool_type: int, tag: bytes, billed: int = 0) -> bytes:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import FieldLayout, Kernel
+from .kernel import FieldLayout, Kernel, per_kernel
 from .model import Finding
 
 _ENTRY = "_POOL_TRACKER_BIG_PAGES"
@@ -134,7 +134,7 @@ def parse_table(data: bytes, layout: EntryLayout) -> list[BigAllocation]:
     ]
 
 
-@lru_cache(maxsize=4)
+@per_kernel
 def read_big_page_table(kernel: Kernel) -> BigPageTable:
     """Read and decode the whole big page table (once per kernel)."""
     for symbol in ("PoolBigPageTable", "PoolBigPageTableSize"):

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import FieldLayout, Kernel
+from .kernel import FieldLayout, Kernel, per_kernel
 from .model import Chunk, State
 from .objects import MAX_TYPE_INDEX, ObjectLayout, object_layout, object_type, optional_headers_size
 
@@ -214,7 +213,7 @@ class _Carver:
         return raw.decode("utf-16-le", errors="replace")
 
 
-@lru_cache(maxsize=4)
+@per_kernel
 def _carver(kernel: Kernel) -> _Carver:
     return _Carver(kernel)
 

@@ -6,8 +6,9 @@ this wrapper keeps the Volatility 3 calls for that in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import cached_property, lru_cache
+import functools
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 from volatility3.framework import constants, exceptions, interfaces, objects
@@ -122,6 +123,25 @@ def page_base(address: int) -> int:
     return address & ~(PAGE_SIZE - 1)
 
 
+def per_kernel(function):
+    """Remember ``function(kernel, *args)`` on the kernel object itself.
+
+    What is decided once per kernel (layouts, tables read once) then lives exactly as long as the kernel:
+    a module-level cache would keep every image's Volatility context alive for the life of the process.
+    """
+
+    @functools.wraps(function)
+    def remembered(kernel, *args):
+        key = (remembered, *args)
+        try:
+            return kernel.memo[key]
+        except KeyError:
+            value = kernel.memo[key] = function(kernel, *args)
+            return value
+
+    return remembered
+
+
 def canonical(address: int, bits: int = 48) -> int:
     """Sign-extend an address Volatility 3 keeps masked to ``bits`` (kernel offsets) to its canonical form."""
     if address >> (bits - 1) & 1 and address < (1 << bits):
@@ -135,6 +155,7 @@ class Kernel:
     layer_name: str
     symbol_table: str
     base: int
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # see per_kernel
 
     @classmethod
     def from_module(cls, context: interfaces.context.ContextInterface, module_name: str) -> "Kernel":
@@ -159,20 +180,23 @@ class Kernel:
     def has_type(self, name: str) -> bool:
         return self.module.has_type(name)
 
+    @per_kernel
     def type_size(self, name: str) -> int:
-        return _type_size(self, name)
+        return self._type(name).size
 
     def field_offset(self, type_name: str, field: str) -> int:
         """Offset of a (dotted) field inside ``type_name``."""
-        return _field_layout(self, type_name, field).offset
+        return self.field_layout(type_name, field).offset
 
+    @per_kernel
     def field_layout(self, type_name: str, field: str) -> FieldLayout:
         """Offset, size and bit range of a (dotted) field inside ``type_name``.
 
         Builds differ in how they declare the same bytes (one bitfield ULONG on
         Windows 7, USHORT bitfields later), so callers decode through this.
+        Field layouts are asked for thousands of times per walk: decided once per kernel.
         """
-        return _field_layout(self, type_name, field)
+        return self._template_layout(type_name, field)
 
     def enumeration(self, name: str) -> dict[str, int]:
         """The constants of an enumeration of the kernel's ISF (empty when the ISF lacks it)."""
@@ -181,9 +205,10 @@ class Kernel:
         except exceptions.SymbolError:
             return {}
 
+    @per_kernel
     def array_count(self, type_name: str, field: str) -> int:
         """Element count of an array field (a top-level member of ``type_name``)."""
-        return _array_count(self, type_name, field)
+        return self._type(type_name).vol.members[field][1].vol.count
 
     def _template_layout(self, type_name: str, field: str) -> FieldLayout:
         offset, template = self._field(type_name, field)
@@ -282,18 +307,3 @@ class Kernel:
         # the heap-backed free routine only exists once pool sits on the segment heap.
         return self.has_symbol("ExPoolState") and self.has_symbol("ExFreeHeapPool")
 
-
-@lru_cache(maxsize=4096)
-def _type_size(kernel: Kernel, name: str) -> int:
-    return kernel._type(name).size
-
-
-@lru_cache(maxsize=4096)
-def _field_layout(kernel: Kernel, type_name: str, field: str) -> FieldLayout:
-    """Field layouts are asked for thousands of times per walk: decided once per kernel."""
-    return kernel._template_layout(type_name, field)
-
-
-@lru_cache(maxsize=256)
-def _array_count(kernel: Kernel, type_name: str, field: str) -> int:
-    return kernel._type(type_name).vol.members[field][1].vol.count

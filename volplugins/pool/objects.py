@@ -11,11 +11,10 @@ gap back to the pool header, so random bytes are not mistaken for objects.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from volatility3.framework import exceptions
 
-from .kernel import Kernel
+from .kernel import Kernel, per_kernel
 from .tags import same_tag
 
 # InfoMask bits and the optional header each one adds, in bit order.
@@ -60,7 +59,7 @@ class ObjectLayout:
     type_table: int
 
 
-@lru_cache(maxsize=16)
+@per_kernel
 def object_layout(kernel: Kernel) -> ObjectLayout:
     cookie = None
     if kernel.has_symbol("ObHeaderCookie"):
@@ -83,7 +82,7 @@ class ObjectType:
     key: bytes  # the pool tag objects of this type are allocated with
 
 
-@lru_cache(maxsize=4096)
+@per_kernel
 def object_type(kernel: Kernel, index: int) -> ObjectType | None:
     """Object type ``index`` read from ``ObTypeIndexTable`` (None when unreadable)."""
     layout = object_layout(kernel)

@@ -13,12 +13,11 @@ address and ``ExpPoolQuotaCookie`` from Windows 8 on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from volatility3.framework import exceptions
 
-from .kernel import FieldLayout, Kernel
+from .kernel import FieldLayout, Kernel, per_kernel
 
 # The quota bit (POOL_QUOTA_FAIL_INSTEAD_OF_RAISE) and the in-use bit are wdm.h / pool defines no ISF
 # carries; the other bits come from the ISF's _POOL_TYPE enum, with these wdm.h values when it lacks them.
@@ -150,13 +149,13 @@ def charged_process(header: PoolHeader, header_address: int, layout: HeaderLayou
     return decode_quota(header.process_billed, header_address, layout, cookie)
 
 
-@lru_cache(maxsize=8)
+@per_kernel
 def header_layout(kernel: Kernel) -> HeaderLayout:
     """The ``_POOL_HEADER`` layout of this kernel, from its ISF (built once per kernel)."""
     return HeaderLayout.from_symbols(kernel)
 
 
-@lru_cache(maxsize=8)
+@per_kernel
 def quota_cookie(kernel: Kernel) -> int | None:
     """``ExpPoolQuotaCookie`` when the build has one and it is readable (read once per kernel)."""
     if not kernel.has_symbol("ExpPoolQuotaCookie"):

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from volatility3.framework import exceptions
 
-from .kernel import Kernel
+from .kernel import Kernel, per_kernel
 
 # Windows 7 x64 maps session space at a fixed PML4 slot (512 GiB at
 # 0xFFFFF900`00000000); no variable records it.
@@ -94,7 +93,7 @@ def kernel_regions(kernel: Kernel) -> list[Region]:
     return list(_regions(kernel))
 
 
-@lru_cache(maxsize=8)
+@per_kernel
 def _regions(kernel: Kernel) -> tuple[Region, ...]:
     try:
         regions = _from_mi_state(kernel) if _has_va_assignments(kernel) else _from_variables(kernel)
@@ -170,7 +169,7 @@ def _pair(kernel: Kernel, first: str, second: str) -> tuple[int, int] | None:
     return values if all(values) else None
 
 
-@lru_cache(maxsize=8)
+@per_kernel
 def highest_user_address(kernel: Kernel) -> int:
     """``MmHighestUserAddress`` when readable, else the x64 default (read once per kernel)."""
     if kernel.has_symbol("MmHighestUserAddress"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from volatility3.framework import exceptions
 
-from ..kernel import FieldLayout, IsfTypes, Kernel
+from ..kernel import FieldLayout, IsfTypes, Kernel, per_kernel
 from ..model import Finding
 from ..poolheader import HeaderLayout, Symbols
 
@@ -78,6 +78,6 @@ class SegHeapLayout:
         )
 
 
-@functools.lru_cache(maxsize=8)
+@per_kernel
 def layout_of(kernel: Kernel) -> SegHeapLayout:
     return SegHeapLayout.from_symbols(kernel)

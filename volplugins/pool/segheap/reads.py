@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 from volatility3.framework import exceptions
 
-from ..kernel import PAGE_SIZE, Kernel, page_base
+from ..kernel import PAGE_SIZE, Kernel, page_base, per_kernel
 
 
 class Pages:
@@ -95,7 +93,7 @@ def read_field(kernel: Kernel, base: int, type_name: str, path: str) -> int | No
     return None if data is None else where.alone.extract(data)
 
 
-@functools.lru_cache(maxsize=16)
+@per_kernel
 def global_value(kernel: Kernel, name: str, size: int) -> int | None:
     """A kernel variable, or None when the symbol is missing or its page is not in the image."""
     if not kernel.has_symbol(name):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..kernel import FieldLayout, Kernel
+from ..kernel import FieldLayout, Kernel, per_kernel
 from ..model import Backing, Finding
 from .decoders import RANGE_ALLOCATED, RANGE_FIRST, RangeKind, classify_range, segment_context_of, PAGE_SEGMENT_KEY
 from .heaps import PoolHeap, heap_keys, pool_heaps
@@ -90,7 +89,7 @@ def signature_owner(signature: int, segment: int, heap_key: int, contexts: dict[
 DEFAULT_LARGE_THRESHOLD = 0x7F0000
 
 
-@functools.lru_cache(maxsize=8)
+@per_kernel
 def large_allocation_threshold(kernel: Kernel) -> int:
     """Bytes above which the pool heaps serve a request from the VA manager ("large") instead of a segment.
 

@@ -10,7 +10,6 @@ import random
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -24,8 +23,7 @@ from volplugins.pool.modules import bound_slots, import_slots
 
 BASE = 0xFFFFF80564A00000
 KERNEL_BASE = 0xFFFFF80563A00000
-SHARED_ISFS = Path("/work/shared/isf/windows/ntkrnlmp.pdb")  # more real kernels, when present
-ISFS = sorted({path.name: path for path in [*SHARED_ISFS.glob("*.json.xz"), *SYMBOLS.glob("*.json.xz")]}.values())
+ISFS = sorted(SYMBOLS.glob("*.json.xz"))
 FAKE_ROUTINES = {name: KERNEL_BASE + 0x10000 * (index + 1) for index, name in enumerate(
     ["ExAllocatePool", "ExAllocatePoolWithTag", "ExAllocatePool2", "ExFreePoolWithTag", "KeBugCheckEx",
      "ExInitializeNPagedLookasideList", "KeQueryPerformanceCounter"])}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import FieldLayout, Kernel, per_kernel
-from .model import Chunk, State
+from .kernel import SYMBOLS_MISSING, FieldLayout, Kernel, per_kernel
+from .model import FREED_STATES, Chunk
 from .objects import MAX_TYPE_INDEX, ObjectLayout, object_layout, object_type, optional_headers_size
 
 CARVE_LIMIT = 0x100000  # bytes of one free chunk searched (freed big allocations can be megabytes)
@@ -31,7 +31,6 @@ IO_TYPE_FILE = 5  # _FILE_OBJECT.Type
 MAX_FILE_NAME = 0x1000  # bytes of a file name read
 FILETIME_1990 = 0x01B41E6D6C3C8000  # 1990-01-01 in 100 ns units since 1601
 FILETIME_2100 = 0x0310C1A6DE6D0000  # 2100-01-01
-FREED_STATES = (State.FREE, State.CACHED_FREE)
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class _Carver:
         for name, (type_name, paths, rebuild) in wanted.items():
             try:
                 bodies[name] = _Body(_fields(kernel, type_name, *paths), rebuild)
-            except (KeyError, AttributeError, exceptions.SymbolError):
+            except SYMBOLS_MISSING:
                 continue
         return bodies
 

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 from volatility3.framework import exceptions
 
-from .kernel import PAGE_SIZE, Kernel
+from .kernel import PAGE_SIZE, SYMBOLS_MISSING, Kernel
 from .model import Finding
 from .modules import MASK64, bound_slots, covers, import_slots, loaded_modules, read_module_image, section_headers
 from .tags import printable_tag, unprotected
@@ -399,7 +399,7 @@ def scan_drivers(kernel: Kernel, include_kernel: bool = False) -> DriverScanResu
     try:
         modules, findings = loaded_modules(kernel)
         routines = routine_addresses(kernel)
-    except (exceptions.SymbolError, exceptions.InvalidAddressException, KeyError, AttributeError) as error:
+    except (*SYMBOLS_MISSING, exceptions.InvalidAddressException) as error:
         return DriverScanResult({}, 0, (Finding(0, f"loaded module list unavailable: {error}"),))
     tags: dict[bytes, set[str]] = {}
     uses: list[TagUse] = []

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from volatility3.framework import exceptions
 
 from .kernel import Kernel
-from .model import Backing, Chunk, State
+from .model import FREED_STATES, Backing, Chunk, State
 from .poolheader import IN_USE_BIT, HeaderLayout, decode, header_layout
 from .tags import printable_tag
 
 STALE_SEARCH_LIMIT = 0x10000  # bytes of a free VS chunk searched for a stale pool header
-FREE_STATES = (State.FREE, State.CACHED_FREE)
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def summarize(chunks: Iterable[tuple[Chunk, str]]) -> list[FreeSummary]:
     """One summary per (region, backing) that holds free or cached-free chunks, sorted by region then backing."""
     groups: dict[tuple[str, str], list[Chunk]] = {}
     for chunk, region in chunks:
-        if chunk.state in FREE_STATES:
+        if chunk.state in FREED_STATES:
             groups.setdefault((region, chunk.backing.value), []).append(chunk)
     summaries = []
     for (region, backing), members in sorted(groups.items()):

@@ -16,6 +16,7 @@ from volatility3.framework.objects import templates
 
 
 PAGE_SIZE = 0x1000  # the small page of x86 and x64: the unit both pool allocators carve
+SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)  # raised when the ISF lacks a type or field
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class Kernel:
     def has_field(self, type_name: str, field: str) -> bool:
         try:
             self.field_offset(type_name, field)
-        except (KeyError, AttributeError, exceptions.SymbolError):
+        except SYMBOLS_MISSING:
             return False
         return True
 

@@ -13,6 +13,10 @@ class State(str, enum.Enum):
     UNREADABLE = "Unreadable"
 
 
+FREED_STATES = (State.FREE, State.CACHED_FREE)  # given back by their caller
+BUSY_STATES = (State.ALLOCATED, State.CACHED_FREE)  # in use as far as the heap can tell
+
+
 class Backing(str, enum.Enum):
     PAGE = "Page"  # classic pool page
     VS = "VS"  # segment heap variable-size subsegment

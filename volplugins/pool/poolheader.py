@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 
 from volatility3.framework import exceptions
 
-from .kernel import FieldLayout, Kernel, per_kernel
+from .kernel import SYMBOLS_MISSING, FieldLayout, Kernel, per_kernel
 
 # The quota bit (POOL_QUOTA_FAIL_INSTEAD_OF_RAISE) and the in-use bit are wdm.h / pool defines no ISF
 # carries; the other bits come from the ISF's _POOL_TYPE enum, with these wdm.h values when it lacks them.
@@ -68,7 +68,7 @@ class HeaderLayout:
 
         try:
             billed: FieldLayout | None = field("ProcessBilled")
-        except (KeyError, AttributeError, exceptions.SymbolError):
+        except SYMBOLS_MISSING:
             billed = None
         bits = {**_POOL_TYPE_DEFAULTS, **symbols.enumeration("_POOL_TYPE")}
         return cls(

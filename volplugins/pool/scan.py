@@ -29,8 +29,8 @@ from volatility3.framework import exceptions
 
 from . import bigpages, classic, poolheader, regions, segheap, translate
 from .census import CensusRow, census
-from .kernel import PAGE_SIZE, FieldLayout, Kernel
-from .model import Backing, Chunk, Finding, State, new_chunk
+from .kernel import PAGE_SIZE, SYMBOLS_MISSING, FieldLayout, Kernel
+from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
 from .tags import printable_tag
 
 __all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks", "big_chunk"]
@@ -38,8 +38,7 @@ __all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_ch
 Progress = Callable[[float, str], None]
 
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
-_SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)
-_WALK_STOPS = (*_SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
+_WALK_STOPS = (*SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
 _REGION_POOLS = {"Paged pool": "Paged", "Session pool": "Session"}
 _SKIPPED_REGIONS = ("Special pool",)  # one allocation per page at the page's end: no chunk chain to walk
 
@@ -112,7 +111,7 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> I
             starts.extend([chunk.address for chunk in walked])
             sizes.extend([chunk.size for chunk in walked])
             yield batch
-    except _SYMBOLS_MISSING as error:
+    except SYMBOLS_MISSING as error:
         yield [Finding(0, f"pool scan: kernel symbols lack {error}")]
     except exceptions.InvalidAddressException as error:
         yield [Finding(error.invalid_address, f"pool scan stopped: {error}")]
@@ -257,7 +256,7 @@ def _count_range(kind: segheap.RangeKind, coverage: Coverage) -> None:
 
 def _headerless(chunk: Chunk) -> bool:
     """A busy block the walker found no pool header for: a page-aligned VS block or a whole page range."""
-    return chunk.pool_type is None and chunk.state in (State.ALLOCATED, State.CACHED_FREE) and not chunk.tag
+    return chunk.pool_type is None and chunk.state in BUSY_STATES and not chunk.tag
 
 
 def _named_by_big_table(kernel: Kernel, chunk: Chunk,

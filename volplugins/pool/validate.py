@@ -16,17 +16,16 @@ from collections.abc import Iterable
 
 from . import bigpages
 from .kernel import PAGE_SIZE, Kernel
-from .model import Backing, Chunk, Finding, State
+from .model import BUSY_STATES, Backing, Chunk, Finding
 from .scan import PoolScan
 from .tags import printable_tag
 
-LIVE_STATES = (State.ALLOCATED, State.CACHED_FREE)
 SMALL_BACKINGS = (Backing.PAGE, Backing.VS, Backing.LFH)
 
 
 def has_pool_header(chunk: Chunk) -> bool:
     """Small live chunks carry a ``_POOL_HEADER``; headerless blocks come back with no tag and no PoolType."""
-    return chunk.backing in SMALL_BACKINGS and chunk.state in LIVE_STATES and chunk.pool_type is not None
+    return chunk.backing in SMALL_BACKINGS and chunk.state in BUSY_STATES and chunk.pool_type is not None
 
 
 def header_overruns(chunks: Iterable[Chunk], page_size: int = PAGE_SIZE) -> list[Finding]:
@@ -50,7 +49,7 @@ def unprintable_tags(chunks: Iterable[Chunk]) -> list[Finding]:
     return [
         Finding(chunk.address, f"tag {chunk.tag.hex(' ')} of a live chunk has unprintable bytes")
         for chunk in chunks
-        if chunk.state in LIVE_STATES and chunk.tag and not printable_tag(chunk.tag)
+        if chunk.state in BUSY_STATES and chunk.tag and not printable_tag(chunk.tag)
     ]
 
 

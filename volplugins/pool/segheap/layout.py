@@ -6,13 +6,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from volatility3.framework import exceptions
-
-from ..kernel import FieldLayout, IsfTypes, Kernel, per_kernel
+from ..kernel import SYMBOLS_MISSING, FieldLayout, IsfTypes, Kernel, per_kernel
 from ..model import Finding
 from ..poolheader import HeaderLayout, Symbols
-
-SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)  # the kernel's ISF lacks a type or field
 
 
 def reports_missing_symbols(walker):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import bigpages, classic, objects, regions, scan, segheap
+from . import bigchunks, bigpages, classic, objects, regions, segheap
 from .kernel import Kernel
 from .model import Backing, Chunk, Finding, State
 
@@ -78,7 +78,7 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
 
 
 def _big_answer(kernel: Kernel, address: int, region: str, big: bigpages.BigAllocation) -> OwnerAnswer:
-    chunk = scan.big_chunk(kernel, big, region)
+    chunk = bigchunks.big_chunk(kernel, big, region)
     return OwnerAnswer(address, region, (chunk,), chunk)
 
 

@@ -19,7 +19,6 @@ pages) and freed entries whose memory no walked chunk occupies now.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -27,19 +26,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from volatility3.framework import exceptions
 
-from . import bigpages, classic, poolheader, regions, segheap, translate
+from . import bigchunks, bigpages, classic, poolheader, regions, segheap, translate
 from .census import CensusRow, census
 from .kernel import PAGE_SIZE, SYMBOLS_MISSING, FieldLayout, Kernel
 from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
 from .tags import printable_tag
 
-__all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks", "big_chunk"]
+__all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks"]
 
 Progress = Callable[[float, str], None]
 
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
 _WALK_STOPS = (*SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
-_REGION_POOLS = {"Paged pool": "Paged", "Session pool": "Session"}
 _SKIPPED_REGIONS = ("Special pool",)  # one allocation per page at the page's end: no chunk chain to walk
 
 
@@ -116,81 +114,9 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> I
     except exceptions.InvalidAddressException as error:
         yield [Finding(error.invalid_address, f"pool scan stopped: {error}")]
     report(95.0, "Big page table")
-    yield list(_big_table_chunks(kernel, table, _Extents(starts, sizes)))
+    yield list(bigchunks.unwalked(kernel, table, bigchunks.Extents(starts, sizes)))
     coverage.seconds = time.perf_counter() - started
     report(100.0, "Pool scan complete")
-
-
-# --------------------------------------------------------------------------- big page table
-
-
-def _big_pool(kernel: Kernel, pool_type: int | None, region: str) -> str:
-    """The pool a big allocation came from: its entry's PoolType, else the region it lies in."""
-    if pool_type is None:
-        return _REGION_POOLS.get(region, "NonPaged")
-    layout = poolheader.header_layout(kernel)
-    if pool_type & layout.session_bit:
-        return "Session"
-    if pool_type & layout.paged_bit:
-        return "Paged"
-    return "NonPagedNx" if pool_type & layout.nx_bit else "NonPaged"
-
-
-def big_chunk(kernel: Kernel, big: bigpages.BigAllocation, region: str = "") -> Chunk:
-    """A big page table entry as a chunk: freed entries are Free, Large/Big as the segment heap decides.
-
-    ``region`` (the region name holding the address) names the pool when the entry keeps no PoolType.
-    """
-    state = State.FREE if big.free else State.ALLOCATED
-    pool = _big_pool(kernel, big.pool_type, region)
-    return Chunk(big.va, big.size, 0, big.tag, state, segheap.big_backing(kernel, big.size), pool, big.pool_type,
-                 body=big.va)
-
-
-class _Extents:
-    """Address ranges of listed chunks, to keep stale big page table entries off memory a chunk holds now."""
-
-    def __init__(self, starts: list[int], sizes: list[int]):
-        order = np.argsort(np.array(starts, dtype=np.uint64), kind="stable")
-        self._starts = np.array(starts, dtype=np.uint64)[order]
-        ends = self._starts + np.maximum(np.array(sizes, dtype=np.uint64)[order], np.uint64(1))
-        self._reach = np.maximum.accumulate(ends) if len(ends) else ends
-        self.listed = set(starts)
-
-    def overlaps(self, start: int, end: int) -> bool:
-        position = int(np.searchsorted(self._starts, np.uint64(end), side="left")) - 1
-        return position >= 0 and int(self._reach[position]) > start
-
-
-def _big_table_chunks(kernel: Kernel, table: bigpages.BigPageTable, extents: _Extents) -> Iterator[Chunk | Finding]:
-    """Big allocations no walk listed: live ones, and freed ones whose memory no listed chunk holds now.
-
-    Of freed entries over the same memory the latest in table order is kept, as the owner lookup does.
-    """
-    live = sorted((a for a in table.allocations if not a.free and a.size > 0), key=lambda a: a.va)
-    for entry in live:
-        if entry.va in extents.listed:
-            continue
-        if extents.overlaps(entry.va, entry.end):
-            yield Finding(entry.va, f"big page table entry {entry.index} ({entry.size:#x} bytes) overlaps pool chunks")
-            continue
-        yield big_chunk(kernel, entry, regions.classify(kernel, entry.va).name)
-    live_extents = _Extents([entry.va for entry in live], [entry.size for entry in live])
-    freed = sorted((a for a in table.allocations if a.free and a.size > 0), key=lambda a: -a.index)
-    kept_starts: list[int] = []  # freed entries kept so far: disjoint, so sorted starts have sorted ends
-    kept: list[Chunk] = []
-    for entry in freed:
-        if entry.va in extents.listed or extents.overlaps(entry.va, entry.end) \
-                or live_extents.overlaps(entry.va, entry.end):
-            continue
-        position = bisect.bisect_left(kept_starts, entry.end) - 1
-        if position >= 0 and kept[position].end > entry.va:
-            continue
-        chunk = big_chunk(kernel, entry, regions.classify(kernel, entry.va).name)
-        where = bisect.bisect_left(kept_starts, entry.va)
-        kept_starts.insert(where, entry.va)
-        kept.insert(where, chunk)
-    yield from kept
 
 
 # --------------------------------------------------------------------------- segment heap
@@ -268,7 +194,7 @@ def _named_by_big_table(kernel: Kernel, chunk: Chunk,
                                      " and no big page table entry")
         yield chunk
         return
-    named = big_chunk(kernel, entry)
+    named = bigchunks.big_chunk(kernel, entry)
     yield replace(named, pool=chunk.pool, state=chunk.state)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from . import freespace, regions
 from .filters import ChunkFilter
 from .kernel import Kernel
-from .model import Backing, Chunk, State
+from .model import FREED_STATES, Backing, Chunk, State
 from .tags import is_protected, tag_text, unprotected
 
 _FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
@@ -73,7 +73,7 @@ def free_space(kernel: Kernel, chunks: Iterable[Chunk], names: dict[int, str],
     """Each free-space summary of the regions ``wanted`` selects, with its free chunks whose stale tag, size
     and state pass the other filters."""
     pairs = [(chunk, names[chunk.address]) for chunk in chunks
-             if chunk.state in freespace.FREE_STATES and wanted.region_matches(names[chunk.address])]
+             if chunk.state in FREED_STATES and wanted.region_matches(names[chunk.address])]
     for summary in freespace.summarize(pairs):
         members = []
         for chunk, region in pairs:

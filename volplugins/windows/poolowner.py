@@ -12,7 +12,7 @@ from volatility3.framework.renderers import format_hints
 from volplugins.pool import addresses, exits, freespace, hexdump, listing, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import Chunk
+from volplugins.pool.model import FREED_STATES, Chunk
 from volplugins.pool.tags import is_protected, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             yield 0, self._note_row(answer.address, answer.region, answer.headline())
         for chunk in answer.chunks:
             is_owner = answer.owner is not None and chunk == answer.owner
-            stale = freespace.stale_tag(kernel, chunk).tag if chunk.state in freespace.FREE_STATES else b""
+            stale = freespace.stale_tag(kernel, chunk).tag if chunk.state in FREED_STATES else b""
             description, binary = tags.describe(stale or chunk.tag) if is_owner else ("", "")
             tag, protected = listing.shown_tag(chunk)
             values = (
@@ -156,7 +156,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
 def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, stale: bytes, description: str, binary: str) -> str:
     """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota;
     for a free owner, what was freed there (``Free (was: CM16 : ...)``), from the tag its last user left."""
-    if chunk.state in freespace.FREE_STATES:
+    if chunk.state in FREED_STATES:
         was = (f"was: {tag_text(unprotected(stale))} : {description or 'unknown'}, Binary : {binary or 'unknown'}"
                if stale else "nothing left in it names what was freed here")
         big = answer.freed_big

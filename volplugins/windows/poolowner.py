@@ -12,7 +12,7 @@ from volatility3.framework.renderers import format_hints
 from volplugins.pool import addresses, exits, freespace, hexdump, listing, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import FREED_STATES, Chunk
+from volplugins.pool.model import FREED_STATES, Backing, Chunk
 from volplugins.pool.tags import is_protected, tag_text, unprotected
 
 vollog = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             yield 0, self._note_row(answer.address, answer.region, answer.headline())
         for chunk in answer.chunks:
             is_owner = answer.owner is not None and chunk == answer.owner
-            stale = freespace.stale_tag(kernel, chunk).tag if chunk.state in FREED_STATES else b""
+            stale = _stale_tag(kernel, chunk, is_owner)
             description, binary = tags.describe(stale or chunk.tag) if is_owner else ("", "")
             tag, protected = listing.shown_tag(chunk)
             values = (
@@ -151,6 +151,14 @@ class PoolOwner(interfaces.plugins.PluginInterface):
         requested = self._addresses()
         columns = _COLUMNS + ([_CONTENTS_COLUMN] if self.config.get("contents") else [])
         return renderers.TreeGrid(columns, self._generator(requested))
+
+
+def _stale_tag(kernel: Kernel, chunk: Chunk, is_owner: bool) -> bytes:
+    """What a free chunk held before: its own header's tag, or for a free VS chunk (whose header is encoded)
+    a pool header left inside it, searched for the owner only since that reads the chunk's bytes."""
+    if chunk.state not in FREED_STATES or (chunk.backing is Backing.VS and not is_owner):
+        return b""
+    return freespace.stale_tag(kernel, chunk).tag
 
 
 def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, stale: bytes, description: str, binary: str) -> str:

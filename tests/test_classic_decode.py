@@ -2,7 +2,7 @@
 
 Structures are handcrafted here from the documented x64 byte layouts (not
 from the library's layout records), then decoded with layouts the library
-builds from the real Windows 7 and Windows 10 ISFs in ``symbols/``.
+builds from the real Windows 7, 8.1 and 10 ISFs in ``symbols/``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from volplugins.pool.model import Backing, State
 SYMBOLS = Path(__file__).resolve().parent.parent / "symbols" / "windows" / "ntkrnlmp.pdb"
 WIN7 = "339E74133576439CBCDF7E0229DA3773-1"
 WIN10 = "606FF669409B00F7FC8C61A9C1670129-1"
+WIN81 = "22597D0B40394E23936F6A24C6C52D5B-1"
 KERNEL_BASE = 0xFFFFF80002A0F000
 PAGE = 0xFFFFFA8001234000
 EPROCESS = 0xFFFFFA8000C5E060
@@ -374,3 +375,24 @@ def test_win7_regions_come_from_mm_variables(win7):
         "System images": (0xFFFFF80000000000, 0xFFFFF88000000000, None),
     }
     assert regions.classify(kernel, 0xFFFFF90000100000).pool == "Session"
+
+
+@pytest.mark.parametrize("first_process, named", [(0xFFFFE00000C5E060 + 0x2E8, True), (0xFFFFFA8000C5E348, False)])
+def test_win81_fixed_nonpaged_start_holds_only_when_the_first_process_lies_there(first_process, named, caplog):
+    kernel, layer = make_kernel(WIN81)
+    layer.put(kernel.symbol_address("MmMaximumNonPagedPoolInBytes"), (0x4000_0000).to_bytes(8, "little"))
+    layer.put(kernel.symbol_address("MmPagedPoolEnd"), (0xFFFFC0FFFFFFFFFF).to_bytes(8, "little"))
+    layer.put(kernel.symbol_address("MmSizeOfPagedPoolInBytes"), (0x100_0000_0000).to_bytes(8, "little"))
+    layer.put(kernel.symbol_address("PsActiveProcessHead"), first_process.to_bytes(8, "little"))
+    version = kernel.symbol_address("KdVersionBlock") + kernel.field_offset("_DBGKD_GET_VERSION64", "MinorVersion")
+    layer.put(version, (9600).to_bytes(2, "little"))
+    found = {r.name: (r.start, r.end, r.pool) for r in regions.kernel_regions(kernel)}
+    assert found["Paged pool"] == (0xFFFFC00000000000, 0xFFFFC10000000000, "Paged")
+    assert found["Session pool"][2] == "Session"
+    if named:
+        assert found["Nonpaged pool"] == (0xFFFFE00000000000, 0xFFFFE00040000000, "NonPaged")
+        assert not caplog.records
+    else:
+        assert "Nonpaged pool" not in found
+        assert regions.classify(kernel, 0xFFFFE00000001000).name == regions.UNKNOWN_KERNEL
+        assert "layout of build 9600 not recognised" in caplog.text

@@ -301,6 +301,15 @@ class Kernel:
     def is_valid(self, address: int, size: int = 1) -> bool:
         return self.layer.is_valid(address, size)
 
+    @cached_property
+    def build_number(self) -> int | None:
+        """The build the kernel reports (``KdVersionBlock.MinorVersion``), to name it in messages; None if unreadable."""
+        try:
+            offset = self.field_offset("_DBGKD_GET_VERSION64", "MinorVersion")
+            return int.from_bytes(self.read(self.symbol_address("KdVersionBlock") + offset, 2), "little")
+        except (exceptions.SymbolError, exceptions.InvalidAddressException):
+            return None
+
     @property
     def uses_segment_heap(self) -> bool:
         """Windows 10 19H1+ and 11 allocate pool from the segment heap; the ISF tells which."""

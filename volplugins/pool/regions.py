@@ -6,12 +6,15 @@ NumberOfBytes}), indexed by the ``_MI_ASSIGNED_REGION_TYPES`` enum, whose
 values differ between builds: both come from the ISF.  Windows 7 keeps pool
 bounds in variables (``MmNonPagedPoolStart``, ``MmMaximumNonPagedPoolInBytes``,
 ``MmPagedPoolEnd``, ``MmSizeOfPagedPoolInBytes``) and has a fixed x64 layout
-for the rest.  Builds in between (8.1) get what their variables tell; other
-kernel addresses are reported as unknown rather than guessed.
+for the rest.  Windows 8.1 keeps the same variables except the nonpaged pool
+start, which is fixed: that start is checked against the image (the first
+process object lives in nonpaged pool) before it is used.  Other kernel
+addresses are reported as unknown rather than guessed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -19,14 +22,19 @@ from volatility3.framework import exceptions
 
 from .kernel import Kernel, per_kernel
 
-# Windows 7 x64 maps session space at a fixed PML4 slot (512 GiB at
+# Before Windows 10, x64 session space sits in a fixed PML4 slot (512 GiB at
 # 0xFFFFF900`00000000); no variable records it.
-WIN7_X64_SESSION_SPACE = (0xFFFFF90000000000, 0xFFFFF98000000000)
+FIXED_X64_SESSION_SPACE = (0xFFFFF90000000000, 0xFFFFF98000000000)
+# Windows 8.1 x64 starts nonpaged pool at a fixed address (its 16 TiB slot);
+# only the size, MmMaximumNonPagedPoolInBytes, is a variable.
+FIXED_X64_NONPAGED_POOL_START = 0xFFFFE00000000000
 # One PML4 entry maps 512 GiB on x64; the slot holding the kernel image is
 # where the loader maps the kernel, HAL and boot drivers before Windows 10.
 PML4_SLOT_SIZE = 1 << 39
 DEFAULT_HIGHEST_USER_ADDRESS = 0x7FFFFFFEFFFF
 DEFAULT_VA_BITS = 48
+
+logger = logging.getLogger(__name__)
 
 _ENUM = "_MI_ASSIGNED_REGION_TYPES"
 _PREFIX = "AssignedRegion"
@@ -141,44 +149,62 @@ def _from_mi_state(kernel: Kernel) -> list[Region]:
 def _from_variables(kernel: Kernel) -> list[Region]:
     """Pre-Windows 10 kernels: pool bounds from Mm variables, the rest from the fixed x64 layout."""
     regions = []
-    nonpaged = _pair(kernel, "MmNonPagedPoolStart", "MmMaximumNonPagedPoolInBytes")
+    nonpaged = _nonpaged_bounds(kernel)
     if nonpaged:
-        start, size = nonpaged
-        regions.append(Region("Nonpaged pool", start, start + size, "NonPaged", "MmNonPagedPoolStart"))
+        start, size, source = nonpaged
+        regions.append(Region("Nonpaged pool", start, start + size, "NonPaged", source))
     paged = _pair(kernel, "MmPagedPoolEnd", "MmSizeOfPagedPoolInBytes")
     if paged:
         last, size = paged
         regions.append(Region("Paged pool", last + 1 - size, last + 1, "Paged", "MmPagedPoolEnd"))
-    if kernel.has_symbol("MmNonPagedPoolStart"):
-        # Of the supported builds only Windows 7 keeps MmNonPagedPoolStart; its session space is fixed.
-        start, end = WIN7_X64_SESSION_SPACE
-        regions.append(Region("Session pool", start, end, "Session", "Windows 7 x64 fixed session space"))
+    start, end = FIXED_X64_SESSION_SPACE
+    regions.append(Region("Session pool", start, end, "Session", "fixed x64 session space"))
     slot = kernel.base - kernel.base % PML4_SLOT_SIZE
     regions.append(Region("System images", slot, slot + PML4_SLOT_SIZE, None, "PML4 slot of the kernel image"))
     return regions
 
 
-def _pair(kernel: Kernel, first: str, second: str) -> tuple[int, int] | None:
-    """Two pointer-sized variables, None unless both exist, are readable and non-zero."""
-    if not (kernel.has_symbol(first) and kernel.has_symbol(second)):
+def _nonpaged_bounds(kernel: Kernel) -> tuple[int, int, str] | None:
+    """(start, size, source) of nonpaged pool: from MmNonPagedPoolStart, else the fixed start once the image agrees."""
+    if kernel.has_symbol("MmNonPagedPoolStart"):
+        pair = _pair(kernel, "MmNonPagedPoolStart", "MmMaximumNonPagedPoolInBytes")
+        return (*pair, "MmNonPagedPoolStart") if pair else None
+    size = _variable(kernel, "MmMaximumNonPagedPoolInBytes")
+    if not size:
+        return None
+    start = FIXED_X64_NONPAGED_POOL_START
+    first_process = _variable(kernel, "PsActiveProcessHead")
+    if first_process is None or not start <= first_process < start + size:
+        shown = "unreadable" if first_process is None else f"{first_process:#x}"
+        logger.warning("layout of build %s not recognised: the first process (%s) is not in nonpaged pool at "
+                       "%#x..%#x; nonpaged pool addresses are not named", kernel.build_number or "?", shown,
+                       start, start + size)
+        return None
+    return start, size, "fixed x64 nonpaged pool start, MmMaximumNonPagedPoolInBytes"
+
+
+def _variable(kernel: Kernel, name: str) -> int | None:
+    """A pointer-sized variable, None when the build lacks it or it is unreadable."""
+    if not kernel.has_symbol(name):
         return None
     try:
-        values = (kernel.read_pointer(kernel.symbol_address(first)), kernel.read_pointer(kernel.symbol_address(second)))
+        return kernel.read_pointer(kernel.symbol_address(name))
     except exceptions.InvalidAddressException:
         return None
+
+
+def _pair(kernel: Kernel, first: str, second: str) -> tuple[int, int] | None:
+    """Two pointer-sized variables, None unless both exist, are readable and non-zero."""
+    values = (_variable(kernel, first), _variable(kernel, second))
     return values if all(values) else None
 
 
 @per_kernel
 def highest_user_address(kernel: Kernel) -> int:
     """``MmHighestUserAddress`` when readable, else the x64 default (read once per kernel)."""
-    if kernel.has_symbol("MmHighestUserAddress"):
-        try:
-            value = kernel.read_pointer(kernel.symbol_address("MmHighestUserAddress"))
-        except exceptions.InvalidAddressException:
-            value = 0
-        if value:
-            return value
+    value = _variable(kernel, "MmHighestUserAddress")
+    if value:
+        return value
     return DEFAULT_HIGHEST_USER_ADDRESS
 
 

@@ -503,7 +503,8 @@ def _write_loader_entry(image: Image, allocate, module: Module) -> int:
         "BaseDllName.MaximumLength": len(path) - file_offset + 2,
         "BaseDllName.Buffer": buffer + file_offset,
         "Flags": LOADER_FLAGS,
-        "LoadCount": 1,
+        # Windows 8.1's user-mode loader moved the count to its DDAG node; the kernel keeps the old slot.
+        "LoadCount" if image.types.has_field(type_name, "LoadCount") else "ObsoleteLoadCount": 1,
     })
     return entry
 

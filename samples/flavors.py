@@ -131,6 +131,29 @@ WIN10_1809 = Flavor(
     },
 )
 
+WIN81_9600 = Flavor(
+    name="win81-9600",
+    isf_file="22597D0B40394E23936F6A24C6C52D5B-1.json.xz",
+    major=6,
+    minor=3,
+    build=9600,
+    nt_major=6,
+    nt_minor=3,
+    segment_heap=False,
+    self_map_index=0x1ED,
+    kernel_base=0xFFFFF80231E7A000,
+    regions={
+        # Windows 8.1 x64 (128 TiB of kernel space) gives each pool a fixed 16 TiB slot; session
+        # space, the PFN database and the loader's image slot stay where Windows 7 had them.
+        "NonPagedPool": (0xFFFFE00000000000, 0x1000_0000_0000),
+        "PagedPool": (0xFFFFC00000000000, 0x1000_0000_0000),
+        "Session": (0xFFFFF90000000000, 0x8_0000_0000),
+        "SystemPtes": (0xFFFFD00000000000, 0x1000_0000_0000),
+        "SystemImages": (0xFFFFF80000000000, 0x8_0000_0000),
+        "PfnDatabase": (0xFFFFFA8000000000, 0xC0_0000),
+    },
+)
+
 WIN10_18362 = Flavor(
     name="win10-18362",
     isf_file="35A038B1F6E2E8CAF642111E6EC66F57-1.json.xz",
@@ -177,5 +200,5 @@ SRV2022_20348 = Flavor(
 
 FLAVORS = {
     flavor.name: flavor
-    for flavor in (WIN10_19041, WIN7_SP1, WIN11_22000, WIN10_1809, WIN10_18362, SRV2022_20348)
+    for flavor in (WIN10_19041, WIN7_SP1, WIN11_22000, WIN10_1809, WIN81_9600, WIN10_18362, SRV2022_20348)
 }

@@ -45,6 +45,7 @@ BUILD_LABS = {
     "win7-sp1": "7601.24540.amd64fre.win7sp1_ldr_escrow.191127-1706",
     "win11-22000": "22000.1.amd64fre.co_release.210604-1628",
     "win10-1809": "17763.1.amd64fre.rs5_release.180914-1434",
+    "win81-9600": "9600.16384.amd64fre.winblue_rtm.130821-1623",
     "win10-18362": "18362.1.amd64fre.19h1_release.190318-1202",
     "srv2022-20348": "20348.1.amd64fre.fe_release.210507-1500",
 }

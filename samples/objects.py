@@ -48,6 +48,12 @@ TYPE_NAMES = {
     "win10-18362": WIN10_TYPES,
     "win11-22000": STATE_CHANGE_TYPES,
     "srv2022-20348": STATE_CHANGE_TYPES,
+    "win81-9600": (
+        "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "UserApcReserve",
+        "IoCompletionReserve", "DebugObject", "Event", "Mutant", "Callback", "Semaphore", "Timer", "IRTimer",
+        "Profile", "KeyedEvent", "WindowStation", "Desktop", "Composition", "TpWorkerFactory", "Adapter",
+        "Controller", "Device", "Driver", "IoCompletion", "WaitCompletionPacket", "File",
+    ),
     "win10-1809": (
         "Type", "Directory", "SymbolicLink", "Token", "Job", "Process", "Thread", "Partition", "UserApcReserve",
         "IoCompletionReserve", "ActivityReference", "PsSiloContextPaged", "PsSiloContextNonPaged", "DebugObject",

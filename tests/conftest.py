@@ -16,7 +16,7 @@ from samples.build import build_image  # noqa: E402
 from samples.flavors import FLAVORS as FLAVOR_SPECS  # noqa: E402
 from volrun import VolSession  # noqa: E402
 
-FLAVORS = ("win10-19041", "win7-sp1", "win11-22000", "win10-1809", "win10-18362", "srv2022-20348")
+FLAVORS = ("win10-19041", "win7-sp1", "win11-22000", "win10-1809", "win81-9600", "win10-18362", "srv2022-20348")
 SAMPLE_SIZE = 64 << 20
 
 

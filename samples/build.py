@@ -10,7 +10,7 @@ from typing import Sequence
 from . import corruption, snapshots
 from .classic import ClassicPools
 from .drivers import write_modules
-from .flavors import FLAVORS
+from .flavors import FLAVORS, Flavor
 from .image import Image
 from .kernel import build_kernel
 from .objects import ObjectWriter, process_times
@@ -74,15 +74,17 @@ def default_chunks(size: int) -> int:
     return max(CHUNKS_PER_64_MIB, CHUNKS_PER_64_MIB * size // (64 << 20))
 
 
-def build_image(flavor_name: str, seed: int, size: int, out_dir: Path, chunks: int | None = None,
+def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunks: int | None = None,
                 leaks: Sequence[Leak] = (), corrupt: Sequence[str] = ()) -> BuildResult:
     """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``.
+
+    ``flavor`` is a flavor's name or a :class:`Flavor` (such as a build no flavor models, see unseen.py).
 
     ``leaks`` makes a later snapshot of the same system with those allocations added (see snapshots.py),
     saved as ``<flavor>-seed<seed>-leak-<tag>-<count>.raw``.  ``corrupt`` damages chunks after the build
     (kinds of corruption.py, recorded in the manifest), saved as ``...-corrupt-<kind>-<kind>.raw``."""
     started = time.perf_counter()
-    image = Image(FLAVORS[flavor_name], seed, size)
+    image = Image(FLAVORS[flavor] if isinstance(flavor, str) else flavor, seed, size)
     build_kernel(image)
     write_regions(image)
     tables = PoolTables(processors=2)

@@ -33,10 +33,12 @@ class Flavor:
     # are placed inside the pool regions; the rest exist so lookups of
     # non-pool addresses have something real to name.
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Where the ISF lives: the bundled symbols, or a directory of a build no flavor models (unseen.py).
+    isf_dir: Path = SYMBOLS
 
     @property
     def isf_path(self) -> Path:
-        return SYMBOLS / self.isf_file
+        return self.isf_dir / self.isf_file
 
 
 WIN10_19041 = Flavor(

@@ -40,14 +40,15 @@ KDBG_NT_BUILD_LAB = 0x208
 KDBG_CM_NT_CSD_VERSION = 0x268
 KDBG_BLOCK_SIZE = 0x368
 
+# What follows the build number in each flavor's NtBuildLab.
 BUILD_LABS = {
-    "win10-19041": "19041.1.amd64fre.vb_release.191206-1406",
-    "win7-sp1": "7601.24540.amd64fre.win7sp1_ldr_escrow.191127-1706",
-    "win11-22000": "22000.1.amd64fre.co_release.210604-1628",
-    "win10-1809": "17763.1.amd64fre.rs5_release.180914-1434",
-    "win81-9600": "9600.16384.amd64fre.winblue_rtm.130821-1623",
-    "win10-18362": "18362.1.amd64fre.19h1_release.190318-1202",
-    "srv2022-20348": "20348.1.amd64fre.fe_release.210507-1500",
+    "win10-19041": "1.amd64fre.vb_release.191206-1406",
+    "win7-sp1": "24540.amd64fre.win7sp1_ldr_escrow.191127-1706",
+    "win11-22000": "1.amd64fre.co_release.210604-1628",
+    "win10-1809": "1.amd64fre.rs5_release.180914-1434",
+    "win81-9600": "16384.amd64fre.winblue_rtm.130821-1623",
+    "win10-18362": "1.amd64fre.19h1_release.190318-1202",
+    "srv2022-20348": "1.amd64fre.fe_release.210507-1500",
 }
 
 
@@ -91,7 +92,8 @@ def _write_debugger_data(image: Image) -> None:
     struct.pack_into("<Q", block, KDBG_NT_BUILD_LAB, image.symbol("NtBuildLab"))
     struct.pack_into("<Q", block, KDBG_CM_NT_CSD_VERSION, image.symbol("CmNtCSDVersion"))
     image.space.write(image.symbol("KdDebuggerDataBlock"), bytes(block))
-    image.space.write(image.symbol("NtBuildLab"), BUILD_LABS[image.flavor.name].encode() + b"\0")
+    lab = f"{image.flavor.build}.{BUILD_LABS[image.flavor.name]}"
+    image.space.write(image.symbol("NtBuildLab"), lab.encode() + b"\0")
     service_pack = 1 if image.flavor.build == 7601 else 0
     image.space.write_u32(image.symbol("CmNtCSDVersion"), service_pack << 8)
 

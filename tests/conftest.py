@@ -21,19 +21,20 @@ SAMPLE_SIZE = 64 << 20
 
 
 class Sample:
-    def __init__(self, flavor: str, image: Path, manifest: Path, cache: Path):
+    def __init__(self, flavor: str, image: Path, manifest: Path, cache: Path, extra_symbols: tuple[Path, ...] = ()):
         self.flavor = flavor
         self.segment_heap = FLAVOR_SPECS[flavor].segment_heap
         self.image = image
         self.manifest = json.loads(manifest.read_text())
         self.cache = cache
+        self.extra_symbols = extra_symbols
         self._session: VolSession | None = None
         self._kernel = None
 
     @property
     def session(self) -> VolSession:
         if self._session is None:
-            self._session = VolSession(self.image, self.cache)
+            self._session = VolSession(self.image, self.cache, self.extra_symbols)
             self._session.rows("windows.info.Info")
         return self._session
 

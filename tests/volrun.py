@@ -20,10 +20,10 @@ PLUGINS = ROOT / "volplugins"
 
 
 class VolSession(runner.VolSession):
-    """The library's session with the samples' symbols, offline."""
+    """The library's session with the samples' symbols (and ``extra_symbols``, such as an unseen build's), offline."""
 
-    def __init__(self, image: Path, cache_dir: Path):
-        super().__init__(image, cache_dir, symbol_dirs=[SYMBOLS], offline=True)
+    def __init__(self, image: Path, cache_dir: Path, extra_symbols: tuple[Path, ...] = ()):
+        super().__init__(image, cache_dir, symbol_dirs=[SYMBOLS, *extra_symbols], offline=True)
 
 
 def run_cli(*arguments: str, cache_dir: Path, renderer: str = "json", timeout: int = 600) -> subprocess.CompletedProcess:

@@ -24,6 +24,7 @@ from volplugins.pool.segheap import (
     vs_pool_header_address,
     vs_subsegment_signature_ok,
 )
+from volplugins.pool.segheap.lfh import plausible_lfh_offsets
 
 REPO = Path(__file__).resolve().parent.parent
 ISF_19041 = REPO / "symbols/windows/ntkrnlmp.pdb/606FF669409B00F7FC8C61A9C1670129-1.json.xz"
@@ -106,6 +107,17 @@ def test_lfh_offsets_full_address_shift(layout: SegHeapLayout) -> None:
     # 0x00900040 ^ 0x01234567 ^ (u32)(0xFFFFC08A2D456000 >> 12 = 0x...08A2D456)
     assert decode_lfh_offsets(0x0911_9171, key, subsegment, layout, shift_full_address=True) == (0x40, 0x90)
     assert decode_lfh_offsets(0x0911_9171, key, subsegment, layout) != (0x40, 0x90)
+
+
+def test_lfh_offsets_take_the_form_whose_blocks_fit_the_range(layout: SegHeapLayout) -> None:
+    """Both forms decode to a sane-looking layout here; only the 26100 form fits 60 blocks in one page."""
+    subsegment = 0xFFFF_C08A_2D45_6000
+    key = 0xDEAD_BEEF_0123_4567
+    wrong = decode_lfh_offsets(0x0911_9171, key, subsegment, layout)
+    assert wrong[0] == 0x40 and wrong[1] % 0x10 == 0 and wrong[1] > 0x38
+    assert plausible_lfh_offsets(0x0911_9171, key, subsegment, layout, 0x38, 60, 0x1000) == (0x40, 0x90)
+    assert plausible_lfh_offsets(0x01B1_9171, key, subsegment, layout, 0x38, 60, 0x1000) == (0x40, 0x90)
+    assert plausible_lfh_offsets(0x0911_9171, key, subsegment, layout, 0x38, 60) == wrong
 
 
 def test_segment_signature() -> None:

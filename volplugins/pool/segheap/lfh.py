@@ -24,7 +24,7 @@ def lfh_walk(
         yield Finding(subsegment, "LFH subsegment header unreadable")
         return
     bitmap_offset = walk.kernel.field_offset(sub_type, "BlockBitmap")
-    decoded = _plausible_lfh_offsets(encoded, lfh_key, subsegment, walk.layout, bitmap_offset)
+    decoded = plausible_lfh_offsets(encoded, lfh_key, subsegment, walk.layout, bitmap_offset, count, range_size)
     if decoded is None:
         yield Finding(subsegment, "LFH BlockOffsets do not decode to a usable block size and first offset")
         return
@@ -96,16 +96,27 @@ def _lfh_blocks_at(
         yield new_chunk(address, block_size, header.previous_size, header.tag, state, lfh, pool, kind, body)
 
 
-def _plausible_lfh_offsets(
-    encoded: int, lfh_key: int, subsegment: int, layout: SegHeapLayout, bitmap_offset: int
+def plausible_lfh_offsets(
+    encoded: int, lfh_key: int, subsegment: int, layout: SegHeapLayout, bitmap_offset: int, count: int,
+    range_size: int | None = None,
 ) -> tuple[int, int] | None:
-    """Decode BlockOffsets the pre-26100 way, else the 26100 way; keep whichever gives a sane layout."""
+    """Decode BlockOffsets the pre-26100 way and the 26100 way; keep a form that gives a sane layout.
+
+    The two forms differ only in the high bits of FirstBlockOffset, so both can look sane: the form under
+    which all ``count`` blocks fit between the block bitmap and the end of the page range wins; with none
+    (a damaged BlockCount, or no range size known) the first sane form is kept.
+    """
+    sane: list[tuple[int, int]] = []
     for full in (False, True):
         block_size, first = decode_lfh_offsets(encoded, lfh_key, subsegment, layout, full)
         sizes_ok = layout.unit <= block_size <= PAGE_SIZE and block_size % layout.unit == 0
         if sizes_ok and bitmap_offset < first and first % layout.unit == 0:
+            sane.append((block_size, first))
+    bitmap_end = bitmap_offset + (count * 2 + 7) // 8
+    for block_size, first in sane:
+        if range_size is not None and bitmap_end <= first and first + count * block_size <= range_size:
             return block_size, first
-    return None
+    return sane[0] if sane else None
 
 
 @reports_missing_symbols

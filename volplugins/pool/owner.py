@@ -83,6 +83,9 @@ def _big_answer(kernel: Kernel, address: int, region: str, big: bigpages.BigAllo
 
 
 def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnswer:
+    problem = segheap.layout_problem(kernel)
+    if problem:
+        return OwnerAnswer(address, region, reason=f"no owner named: {problem}")
     result = segheap.find_owner_chunks(kernel, address)
     if result.owner is None:
         reason = result.findings[0].reason if result.findings else "no segment heap chunk holds this address"

@@ -128,6 +128,10 @@ def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
     if isinstance(keys, Finding):
         yield [keys]
         return
+    problem = segheap.layout_problem(kernel)
+    if problem:
+        yield [Finding(kernel.symbol_address("ExPoolState"), problem)]
+        return
     cached = segheap.cached_free_addresses(kernel)
     live_big = {a.va: a for a in table.allocations if not a.free}
     heaps = segheap.pool_heaps(kernel)

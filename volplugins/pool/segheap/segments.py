@@ -15,6 +15,7 @@ from .reads import read_bytes, read_field, read_pointer
 DESCRIPTOR_SIGNATURE = 0xCCDDCCDD  # _HEAP_PAGE_RANGE_DESCRIPTOR.TreeSignature of a busy range
 MAX_SEGMENTS = 1 << 16  # per segment context (64 GiB of 1 MiB segments): a bound, not a Windows limit
 MAX_RANGE_HOPS = 4  # UnitOffset links followed back to the first descriptor of a range
+SIGNATURE_MISMATCH = "_HEAP_PAGE_SEGMENT signature does not name its context"
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Ite
             if segment & ~context.segment_mask & 0xFFFFFFFFFFFFFFFF:
                 yield Finding(segment, "segment not aligned to its context's SegmentMask")
             elif signature is None or not signature_owner(signature, segment, heap_key, {context.address: context}):
-                yield Finding(segment, "_HEAP_PAGE_SEGMENT signature does not name its context")
+                yield Finding(segment, SIGNATURE_MISMATCH)
             else:
                 yield Segment(segment, context)
             entry = read_pointer(kernel, entry)

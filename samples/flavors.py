@@ -35,6 +35,12 @@ class Flavor:
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Where the ISF lives: the bundled symbols, or a directory of a build no flavor models (unseen.py).
     isf_dir: Path = SYMBOLS
+    # Segment heap constants no ISF holds: mixed into _HEAP_PAGE_SEGMENT.Signature (0 from build 26100),
+    # into _HEAP_VS_SUBSEGMENT.Signature, and whether the LFH BlockOffsets key shifts the whole subsegment
+    # address rather than its low 32 bits (build 26100).
+    page_segment_key: int = 0xA2E64EADA2E64EAD
+    vs_subsegment_key: int = 0x2BED
+    lfh_full_address_shift: bool = False
 
     @property
     def isf_path(self) -> Path:

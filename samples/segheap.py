@@ -50,7 +50,6 @@ from .segheap_layout import (
     RANGE_UNCOMMITTED_FREE,
     RANGE_VS_SUBSEGMENT,
     SEGMENT_HEAP_SIGNATURE,
-    VS_SUBSEGMENT_SIGNATURE_KEY,
     Fields,
     balanced_rb_tree,
     lfh_encoded_offsets,
@@ -481,7 +480,7 @@ class SegmentHeapPools:
         self.fields.pack(buffer, 0, t, {
             "CommitBitmap": (1 << min(pages, 64)) - 1,
             "Size": size,
-            "Signature": size ^ VS_SUBSEGMENT_SIGNATURE_KEY,
+            "Signature": size ^ self.image.flavor.vs_subsegment_key,
             "FullCommit": 1,
         })
         self.space.write(sub.address + self.fields.offset(t, "CommitBitmap"),
@@ -625,8 +624,8 @@ class SegmentHeapPools:
                 f.pack(buffer, 0, t, {
                     "Owner": bucket.address, "FreeCount": free, "BlockCount": sub.block_count,
                     "WitheldBlockCount": len(sub.withheld),
-                    "BlockOffsets.EncodedData": lfh_encoded_offsets(block, sub.first_block, self.lfh_key,
-                                                                    sub.address)})
+                    "BlockOffsets.EncodedData": lfh_encoded_offsets(
+                        block, sub.first_block, self.lfh_key, sub.address, self.image.flavor.lfh_full_address_shift)})
                 self.space.write(sub.address, bytes(buffer) + bytes(sub.bitmap))
                 (available if free else full).append(sub.address)
             buffer = bytearray(f.size("_HEAP_LFH_BUCKET"))
@@ -729,7 +728,8 @@ class SegmentHeapPools:
         for segment in heap.segments[context]:
             table = bytearray(f.size("_HEAP_PAGE_SEGMENT"))
             f.pack(table, 0, "_HEAP_PAGE_SEGMENT", {
-                "Signature": segment_signature(segment.address, seg_context, self.heap_key)})
+                "Signature": segment_signature(segment.address, seg_context, self.heap_key,
+                                               self.image.flavor.page_segment_key)})
             for page_range in self._segment_ranges(segment, first_unit):
                 base = page_range.unit * descriptor_size
                 values = {"RangeFlags": page_range.flags, "UnitSize": page_range.units}

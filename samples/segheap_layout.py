@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 from .isf import FieldLayout, KernelTypes
 
-# _HEAP_PAGE_SEGMENT.Signature = segment ^ segcontext ^ HeapKey ^ this (builds before 26100).
-SEGMENT_SIGNATURE_KEY = 0xA2E64EADA2E64EAD
 SEGMENT_HEAP_SIGNATURE = 0xDDEEDDEE
-VS_SUBSEGMENT_SIGNATURE_KEY = 0x2BED
 RANGE_TREE_SIGNATURE = 0xCCDDCCDD
 
 # _HEAP_PAGE_RANGE_DESCRIPTOR.RangeFlags as the kernel leaves them.
@@ -83,8 +80,9 @@ class Fields:
         return (word >> first) & ((1 << length) - 1)
 
 
-def segment_signature(segment: int, seg_context: int, heap_key: int) -> int:
-    return (segment ^ seg_context ^ heap_key ^ SEGMENT_SIGNATURE_KEY) & MASK64
+def segment_signature(segment: int, seg_context: int, heap_key: int, key: int) -> int:
+    """``_HEAP_PAGE_SEGMENT.Signature``; ``key`` is the build's constant (see ``Flavor.page_segment_key``)."""
+    return (segment ^ seg_context ^ heap_key ^ key) & MASK64
 
 
 def vs_encode(decoded: int, chunk: int, heap_key: int) -> int:
@@ -92,10 +90,13 @@ def vs_encode(decoded: int, chunk: int, heap_key: int) -> int:
     return (decoded ^ chunk ^ heap_key) & MASK64
 
 
-def lfh_encoded_offsets(block_size: int, first_block_offset: int, lfh_key: int, subsegment: int) -> int:
-    """Stored ``BlockOffsets.EncodedData`` (the 32-bit shift form used before build 26100)."""
+def lfh_encoded_offsets(block_size: int, first_block_offset: int, lfh_key: int, subsegment: int,
+                        full_address_shift: bool = False) -> int:
+    """Stored ``BlockOffsets.EncodedData``: the subsegment address is truncated to 32 bits before the shift,
+    or (``full_address_shift``, build 26100) shifted whole first."""
     plain = (block_size & 0xFFFF) | (first_block_offset & 0xFFFF) << 16
-    return (plain ^ (lfh_key & 0xFFFF_FFFF) ^ ((subsegment & 0xFFFF_FFFF) >> 12)) & 0xFFFF_FFFF
+    shifted = subsegment >> 12 if full_address_shift else (subsegment & 0xFFFF_FFFF) >> 12
+    return (plain ^ (lfh_key & 0xFFFF_FFFF) ^ shifted) & 0xFFFF_FFFF
 
 
 def vs_page_offset_bits(chunk: int, subsegment: int, heap_key: int) -> int:

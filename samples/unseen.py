@@ -5,8 +5,9 @@ Windows keeps most kernel structures from one build to the next and adds or move
 have never seen is modeled from a flavor: its kernel reports another build number and carries another PDB GUID
 (so no table keyed on either can recognise it), and its ISF, written next to the image, can declare extra
 members of the kind Windows adds: a field appended to the big page and tag tracker entries, and one inserted
-before ``SegContexts`` in ``_SEGMENT_HEAP`` (as Server 2022 inserted ``ReservedRegionEnd``).  The pools,
-objects and manifest are those of the flavor; only the structures' bytes move where the ISF says.
+before ``SegContexts`` in ``_SEGMENT_HEAP`` (as Server 2022 inserted ``ReservedRegionEnd``).  Facts no ISF
+holds can change too, such as the constants the segment heap mixes into its signatures (build 26100 changed
+two).  The pools, objects and manifest are those of the flavor; only the structures' bytes move.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ EXTRA_MEMBERS = (
 EXTRA_MEMBER_NAME = "UnknownToAnyFlavor"
 
 
-def unseen_flavor(flavor: Flavor, build: int, isf_root: Path, extra_members: bool = False) -> Flavor:
-    """``flavor`` as build ``build``: a new ISF under ``isf_root`` (a symbol directory for ``vol -s``)."""
+def unseen_flavor(flavor: Flavor, build: int, isf_root: Path, extra_members: bool = False, **facts) -> Flavor:
+    """``flavor`` as build ``build``: a new ISF under ``isf_root`` (a symbol directory for ``vol -s``).
+
+    ``facts`` replace flavor facts no ISF holds, such as the segment heap's key constants."""
     with lzma.open(flavor.isf_path, "rt") as handle:
         isf = json.load(handle)
-    identity = f"{flavor.isf_file}:{build}:{extra_members}".encode()
+    identity = f"{flavor.isf_file}:{build}:{extra_members}:{sorted(facts.items())}".encode()
     guid = hashlib.md5(identity).hexdigest().upper()
     pdb = isf["metadata"]["windows"]["pdb"]
     pdb["GUID"] = guid
@@ -45,7 +48,7 @@ def unseen_flavor(flavor: Flavor, build: int, isf_root: Path, extra_members: boo
     name = f"{guid}-{pdb['age']}.json.xz"
     with lzma.open(directory / name, "wt") as handle:
         json.dump(isf, handle)
-    return replace(flavor, build=build, isf_file=name, isf_dir=directory)
+    return replace(flavor, build=build, isf_file=name, isf_dir=directory, **facts)
 
 
 def _add_member(structure: dict, before: str | None, size: int) -> None:

@@ -40,7 +40,7 @@ def run_cli(*arguments: str, cache_dir: Path, renderer: str = "json", timeout: i
 def raw_tag_text(row: dict) -> str:
     """A row's tag as the manifests write it: the protected bit the Protected column reports set again."""
     raw = tags.tag_from_text(row["Tag"])
-    return tags.tag_text(raw[:-1] + bytes([raw[-1] | tags.PROTECTED_TAG_BIT]) if row.get("Protected") else raw)
+    return tags.tag_text(tags.protected(raw) if row.get("Protected") else raw)
 
 
 def cli_json(*arguments: str, cache_dir: Path) -> list[dict]:

@@ -30,7 +30,7 @@ from .kernel import Kernel
 from .model import Chunk
 from .tagdb import UNKNOWN_BINARY
 from .filters import matches_any
-from .tags import PROTECTED_TAG_BIT, TAG_LENGTH, TagPattern, tag_from_text
+from .tags import TAG_LENGTH, TagPattern, protected, tag_from_text
 from .tracker import TagCounters
 
 OWN_TABLES = (b"Pool", "Nonp")  # the tag and pool Windows charges its big page table and tag tables to
@@ -382,7 +382,7 @@ def _row_from_record(record: dict) -> PoolRow | None | str:
     if len(raw) != TAG_LENGTH:
         return f"tag {tag!r} is not four bytes"
     if record.get("Protected") is True:
-        raw = raw[:-1] + bytes([raw[-1] | PROTECTED_TAG_BIT])
+        raw = protected(raw)
     numbers = {name: record.get(name) for name in ("Allocs", "Frees", "Diff", "Bytes")}
     present = {name: value for name, value in numbers.items() if value is not None}
     if any(not isinstance(value, int) or isinstance(value, bool) for value in present.values()):

@@ -27,6 +27,11 @@ def unprotected(tag: bytes) -> bytes:
     return tag[:-1] + bytes([tag[-1] & ~PROTECTED_TAG_BIT & 0xFF])
 
 
+def protected(tag: bytes) -> bytes:
+    """The four-byte tag with the protected bit set, as the kernel stores an object's tag."""
+    return tag[:-1] + bytes([tag[-1] | PROTECTED_TAG_BIT])
+
+
 def is_protected(tag: bytes) -> bool:
     return len(tag) == TAG_LENGTH and bool(tag[-1] & PROTECTED_TAG_BIT)
 

@@ -19,7 +19,7 @@ from volatility3.framework.renderers import conversion, format_hints
 from volplugins.pool import bigpages, carve, exits, filters, listing, plugin_options, regions, scan, validate
 from volplugins.pool.filters import ChunkFilter
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.model import Backing, Chunk, State
+from volplugins.pool.model import FREED_STATES, Backing, Chunk, State
 from volplugins.pool.tagdb import TagDatabase
 from volplugins.pool.tags import is_protected, tag_text, unprotected
 
@@ -27,7 +27,6 @@ vollog = logging.getLogger(__name__)
 
 FILTERS = ("tag", "free", "allocated", "min-size", "max-size", "big", "region")
 VIEWS = ("bigpages", "free-analysis", "carve", "validate", "coverage")
-FREED = (State.FREE, State.CACHED_FREE)
 
 _CHUNK_COLUMNS = [
     ("Address", format_hints.Hex),
@@ -200,7 +199,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         patterns = filters.parse_patterns(self.config.get("tag"))
         for text in filters.unmatchable(patterns):
             vollog.warning("tag pattern %r is longer than a 4-byte tag and matches nothing", text)
-        state = FREED if self.config.get("free") else (State.ALLOCATED,) if self.config.get("allocated") else None
+        state = FREED_STATES if self.config.get("free") else (State.ALLOCATED,) if self.config.get("allocated") else None
         region = self.config.get("region")
         return ChunkFilter(
             tags=patterns,

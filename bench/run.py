@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from samples.__main__ import parse_size  # noqa: E402
+from samples.flavors import FLAVORS  # noqa: E402
 
 SEED = 1
 READ_BLOCK = 16 << 20
 ADDRESSES = 10_000
-FLAVORS = ["win10-19041", "win11-22000", "win10-1809", "win7-sp1"]
 TOOLS = ("poolscanner", "census", "read", "info", "poolowner", "owner-file")
 GIB = 1 << 30
 
@@ -261,7 +261,8 @@ def draw_chart(path: Path, runs: dict[tuple[str, int], dict[str, Measure]]) -> b
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flavors", nargs="+", default=FLAVORS, help="flavors to measure (default: all four)")
+    parser.add_argument("--flavors", nargs="+", default=list(FLAVORS),
+                        help="flavors to measure (default: every flavor the samples build)")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[256 << 20, GIB, 4 * GIB],
                         help="image sizes (default: 256M 1G 4G)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "images", help="where images are built")

@@ -245,3 +245,12 @@ def test_a_layer_with_a_swap_file_translates_itself():
     context.add_layer(physical.BufferDataLayer(context, "config.swap", "swap", bytes(MEMORY)))
     context.config[interfaces.configuration.path_join("config.kernel", "swap_layers", "swap_layers0")] = "swap"
     assert translate.page_tables(context, "kernel") is None
+
+
+def test_table_reads_pad_what_no_page_maps():
+    context = stack(bytes(handmade()), DTB)
+    layer = context.layers["kernel"]
+    for start, size in [(0, 10 * LARGE), (LARGE + 0x123, LARGE), ((1 << 30) + 0x10, 0x3000),
+                        (KERNEL_HALF | 0x1FF << 39 | 0x1FE << 30, 4 * LARGE)]:
+        mapped = sum(length for _, length, _, _, _ in layer.mapping(start, size, ignore_errors=True))
+        assert translate.read(context, "kernel", start, size) == (layer.read(start, size, pad=True), size - mapped)

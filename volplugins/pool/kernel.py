@@ -14,6 +14,8 @@ import numpy as np
 from volatility3.framework import constants, exceptions, interfaces, objects
 from volatility3.framework.objects import templates
 
+from . import translate
+
 
 PAGE_SIZE = 0x1000  # the small page of x86 and x64: the unit both pool allocators carve
 SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)  # raised when the ISF lacks a type or field
@@ -281,17 +283,12 @@ class Kernel:
         return int.from_bytes(self.read(address, self.type_size("pointer")), "little")
 
     def read_table(self, address: int, size: int) -> tuple[bytes, int]:
-        """``size`` bytes in one layer read, and how many of them could not be read.
+        """``size`` bytes translated in bulk (:mod:`.translate`), and how many of them could not be read.
 
         Kernel tables can have paged-out pages; those come back as zeros so
         callers decode what is there and report the gap instead of failing.
         """
-        try:
-            return self.read(address, size), 0
-        except exceptions.InvalidAddressException:
-            data = self.read(address, size, pad=True)
-            mapped = sum(length for _, length, _, _, _ in self.layer.mapping(address, size, ignore_errors=True))
-            return data, size - mapped
+        return translate.read(self.context, self.layer_name, address, size)
 
     @property
     def page_size(self) -> int:

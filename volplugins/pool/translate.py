@@ -34,9 +34,8 @@ import numpy as np
 from volatility3.framework import exceptions, interfaces
 from volatility3.framework.layers import intel, physical
 
-from .kernel import PAGE_SIZE
-
-ENTRIES = 512
+PAGE_SIZE = intel.Intel32e.page_size  # a page-table page, and the smallest page it maps
+ENTRIES = PAGE_SIZE // 8
 VIRTUAL_BITS = 48
 _LEVEL_SHIFTS = (39, 30, 21, 12)  # PML4, PDPT, PD, PT: the address bits each level's index starts at
 _LARGE_LEVELS = (False, True, True, False)  # levels whose entries may map a page themselves (PS bit)
@@ -242,3 +241,14 @@ def mapping(context: interfaces.context.ContextInterface, layer_name: str, start
         yield from context.layers[layer_name].mapping(start, size, ignore_errors=True)
     else:
         yield from tables.mapping(start, size)
+
+
+def read(context: interfaces.context.ContextInterface, layer_name: str, start: int, size: int) -> tuple[bytes, int]:
+    """``size`` bytes from ``start`` as ``layer.read(start, size, pad=True)`` gives them, and how many of them
+    no page maps (read as zeros)."""
+    data = bytearray(size)
+    mapped = 0
+    for offset, length, target, _, below in mapping(context, layer_name, start, size):
+        data[offset - start : offset - start + length] = context.layers.read(below, target, length, pad=True)
+        mapped += length
+    return bytes(data), size - mapped

@@ -65,6 +65,16 @@ def test_census_matches_the_manifest_per_tag_pool_and_state(sample):
     assert [(row.tag, row.pool) for row in rows] == sorted((row.tag, row.pool) for row in rows)
 
 
+def test_streamed_census_counts_what_the_scan_lists(sample):
+    """The census the PoolMon view takes, counted batch by batch without keeping chunks, is the listing's."""
+    listed = scanned(sample)
+    watched = [listed.chunks[0].address, listed.chunks[-1].end - 1, listed.chunks[-1].end, 0]
+    walked = scan.census_of(sample.kernel, watched=watched)
+    assert walked.rows == scan.census(listed.chunks, group_untagged=True)
+    assert walked.findings == listed.findings
+    assert walked.holders == [listed.chunks[0], listed.chunks[-1]]
+
+
 def test_census_skips_unreadable_chunks():
     chunks = [
         Chunk(0x1000, 0x40, 0, b"Abcd", State.ALLOCATED, Backing.PAGE, "Paged"),

@@ -34,28 +34,44 @@ def names_no_allocation(chunk: Chunk) -> bool:
     return chunk.state is State.FREE and (chunk.backing is Backing.VS or chunk.tag == bytes(4))
 
 
+class Tally:
+    """Chunk counts per (tag, pool, state), added a batch at a time: a census never has to keep the chunks."""
+
+    def __init__(self, group_untagged: bool = False):
+        self.group_untagged = group_untagged
+        self._counts: dict[tuple[bytes, str, State], list[int]] = {}
+
+    def add(self, chunks: Iterable[Chunk]) -> None:
+        counts, grouped = self._counts, self.group_untagged
+        for chunk in chunks:
+            tag = UNTAGGED if grouped and names_no_allocation(chunk) else chunk.tag
+            key = (tag, chunk.pool, chunk.state)
+            tally = counts.get(key)
+            if tally is None:
+                counts[key] = [1, chunk.size]
+            else:
+                tally[0] += 1
+                tally[1] += chunk.size
+
+    def rows(self) -> list[CensusRow]:
+        """One row per (tag, pool), sorted by tag then pool; unreadable chunks have no tag to count under."""
+        rows: dict[tuple[bytes, str], list[int]] = {}
+        for (tag, pool, state), (count, size) in self._counts.items():
+            if state not in _COLUMNS:
+                continue
+            column = 2 * _COLUMNS.index(state)
+            values = rows.setdefault((tag, pool), [0] * (2 * len(_COLUMNS)))
+            values[column] += count
+            values[column + 1] += size
+        return [CensusRow(tag, pool, *values) for (tag, pool), values in sorted(rows.items())]
+
+
 def census(chunks: Iterable[Chunk], group_untagged: bool = False) -> list[CensusRow]:
     """One row per (tag, pool), sorted by tag then pool; unreadable chunks have no tag to count under.
 
     ``group_untagged`` counts free space that names no allocation under :data:`UNTAGGED`, one row per pool,
     instead of a row per meaningless byte pattern (what a PoolMon-style view wants).
     """
-    counts: dict[tuple[bytes, str, State], list[int]] = {}
-    for chunk in chunks:
-        tag = UNTAGGED if group_untagged and names_no_allocation(chunk) else chunk.tag
-        key = (tag, chunk.pool, chunk.state)
-        tally = counts.get(key)
-        if tally is None:
-            counts[key] = [1, chunk.size]
-        else:
-            tally[0] += 1
-            tally[1] += chunk.size
-    rows: dict[tuple[bytes, str], list[int]] = {}
-    for (tag, pool, state), (count, size) in counts.items():
-        if state not in _COLUMNS:
-            continue
-        column = 2 * _COLUMNS.index(state)
-        values = rows.setdefault((tag, pool), [0] * (2 * len(_COLUMNS)))
-        values[column] += count
-        values[column + 1] += size
-    return [CensusRow(tag, pool, *values) for (tag, pool), values in sorted(rows.items())]
+    tally = Tally(group_untagged)
+    tally.add(chunks)
+    return tally.rows()

@@ -19,20 +19,21 @@ pages) and freed entries whose memory no walked chunk occupies now.
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from volatility3.framework import exceptions
 
 from . import bigchunks, bigpages, classic, poolheader, regions, segheap, translate
-from .census import CensusRow, census
+from .census import CensusRow, Tally, census
 from .kernel import PAGE_SIZE, SYMBOLS_MISSING, FieldLayout, Kernel
 from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
 from .tags import printable_tag
 
-__all__ = ["Coverage", "PoolScan", "CensusRow", "census", "scan_pools", "iter_chunks"]
+__all__ = ["Coverage", "PoolScan", "Census", "CensusRow", "census", "census_of", "scan_pools", "iter_chunks"]
 
 Progress = Callable[[float, str], None]
 
@@ -77,6 +78,42 @@ def scan_pools(kernel: Kernel, progress: Progress | None = None) -> PoolScan:
             result.findings.extend(item for item in batch if item.__class__ is not Chunk)
     result.chunks.sort(key=_address)
     return result
+
+
+@dataclass
+class Census:
+    """A whole-pool census, and what else the walk was asked to note."""
+
+    rows: list[CensusRow]
+    findings: list[Finding]
+    holders: list[Chunk]  # in address order: the walked chunks holding one of the watched addresses
+
+
+def census_of(kernel: Kernel, progress: Progress | None = None, watched: Iterable[int] = ()) -> Census:
+    """The census of every pool (free space that names no allocation grouped per pool), the problems met,
+    and the chunks that hold any of the ``watched`` addresses.
+
+    Chunks are counted a batch at a time as the walk goes and then dropped, so memory stays flat whatever
+    the image size.
+    """
+    tally = Tally(group_untagged=True)
+    result = Census([], [], [])
+    marks = sorted(set(watched))
+    for batch in _batches(kernel, progress, Coverage()):
+        walked = [item for item in batch if item.__class__ is Chunk]
+        tally.add(walked)
+        if marks:
+            result.holders.extend(chunk for chunk in walked if _holds_any(chunk, marks))
+        if len(walked) != len(batch):
+            result.findings.extend(item for item in batch if item.__class__ is not Chunk)
+    result.rows = tally.rows()
+    result.holders.sort(key=_address)
+    return result
+
+
+def _holds_any(chunk: Chunk, marks: list[int]) -> bool:
+    index = bisect.bisect_left(marks, chunk.address)
+    return index < len(marks) and marks[index] < chunk.end
 
 
 def iter_chunks(kernel: Kernel, progress: Progress | None = None,

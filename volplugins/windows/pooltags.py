@@ -100,14 +100,15 @@ class PoolTags(interfaces.plugins.PluginInterface):
         rows = poolmon.from_tracker(tracked.rows)
         if not with_scan:
             return rows
-        walked = self._walk(kernel)
         tables = [table.address for table in tracked.tables if table.name in OWN_TRACKING_TABLES]
         tables.append(bigpages.read_big_page_table(kernel).address)
-        own_tables = poolmon.unwalked_tables(tables, walked.chunks)
-        return poolmon.with_census(rows, scan.census(walked.chunks, group_untagged=True), own_tables)
+        walked = self._census(kernel, tables)
+        own_tables = poolmon.unwalked_tables(tables, walked.holders)
+        return poolmon.with_census(rows, walked.rows, own_tables)
 
-    def _walk(self, kernel: Kernel) -> scan.PoolScan:
-        walked = scan.scan_pools(kernel, self._progress_callback)
+    def _census(self, kernel: Kernel, tables: list[int]) -> scan.Census:
+        """The census, counted as the walk goes (memory stays flat), noting the chunks holding ``tables``."""
+        walked = scan.census_of(kernel, self._progress_callback, tables)
         for finding in walked.findings[:FINDINGS_SHOWN]:
             vollog.warning("pool scan: %s at %#x", finding.reason, finding.address)
         if len(walked.findings) > FINDINGS_SHOWN:

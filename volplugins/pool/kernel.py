@@ -82,6 +82,30 @@ class FieldLayout:
         return values
 
 
+class Fields:
+    """One field of many structures of a buffer at once (uint64 columns), through typed views of its bytes."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self._views: dict[int, np.ndarray] = {1: np.frombuffer(data, dtype=np.uint8)}
+
+    def field(self, positions: np.ndarray, where: FieldLayout) -> np.ndarray:
+        """The field of the structures that start at byte ``positions`` of the buffer."""
+        if where.size in (2, 4, 8) and where.offset % where.size == 0 and not (positions % where.size).any():
+            if where.size not in self._views:
+                usable = len(self._data) - len(self._data) % where.size
+                self._views[where.size] = np.frombuffer(self._data, dtype=np.dtype(f"<u{where.size}"),
+                                                        count=usable // where.size)
+            value = self._views[where.size][(positions + where.offset) // where.size].astype(np.uint64)
+        else:
+            value = np.zeros(len(positions), dtype=np.uint64)
+            for byte in range(where.size):
+                value |= self._views[1][positions + (where.offset + byte)].astype(np.uint64) << np.uint64(8 * byte)
+        if where.bit_length is not None:
+            value = (value >> np.uint64(where.bit_position)) & np.uint64(where.mask)
+        return value
+
+
 class IsfTypes:
     """The symbol lookups of :class:`Kernel` over a loaded ISF JSON dict: decoders checked without an image."""
 

@@ -29,7 +29,7 @@ from volatility3.framework import exceptions
 
 from . import bigchunks, bigpages, classic, poolheader, regions, segheap, translate
 from .census import CensusRow, Tally, census
-from .kernel import PAGE_SIZE, SYMBOLS_MISSING, FieldLayout, Kernel
+from .kernel import PAGE_SIZE, SYMBOLS_MISSING, Fields, Kernel
 from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
 from .tags import printable_tag
 
@@ -391,33 +391,11 @@ def _inside(addresses: np.ndarray, starts: np.ndarray, reach: np.ndarray) -> np.
     return (position >= 0) & (reach[np.maximum(position, 0)] > addresses)
 
 
-class _Headers:
-    """One header field of many chunks of a block at once, through typed views of the block's bytes."""
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self._views: dict[int, np.ndarray] = {1: np.frombuffer(data, dtype=np.uint8)}
-
-    def field(self, positions: np.ndarray, where: FieldLayout) -> np.ndarray:
-        """The field of the headers at byte ``positions`` (uint64); positions are pool-block aligned."""
-        if where.size in (2, 4, 8) and where.offset % where.size == 0:
-            if where.size not in self._views:
-                self._views[where.size] = np.frombuffer(self._data, dtype=np.dtype(f"<u{where.size}"))
-            value = self._views[where.size][(positions + where.offset) // where.size].astype(np.uint64)
-        else:
-            value = np.zeros(len(positions), dtype=np.uint64)
-            for byte in range(where.size):
-                value |= self._views[1][positions + (where.offset + byte)].astype(np.uint64) << np.uint64(8 * byte)
-        if where.bit_length is not None:
-            value = (value >> np.uint64(where.bit_position)) & np.uint64((1 << where.bit_length) - 1)
-        return value
-
-
 def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
                    coverage: Coverage) -> Iterator[Chunk | Finding]:
     """The chunks of every page of a block whose chain is complete; findings for pool pages that break."""
     layout, page_size, unit = decoder.layout, decoder.page_size, decoder.layout.unit
-    headers = _Headers(data)
+    headers = Fields(data)
     page_count = len(data) // page_size
     page_offsets = np.arange(page_count, dtype=np.int64) * page_size
     first_previous = headers.field(page_offsets, layout.previous_size)
@@ -453,7 +431,7 @@ def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, 
         yield from _classic_chunks(data, headers, where, base, pool, decoder)
 
 
-def _classic_chunks(data: bytes, headers: _Headers, where: np.ndarray, base: int, pool: str,
+def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, pool: str,
                     decoder: _ClassicDecoder) -> Iterator[Chunk]:
     layout, unit = decoder.layout, decoder.layout.unit
     previous = (headers.field(where, layout.previous_size) * np.uint64(unit)).tolist()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .. import poolheader
-from ..kernel import PAGE_SIZE, Kernel
+from ..kernel import PAGE_SIZE, Fields, Kernel
 from ..model import Backing, Chunk, Finding, State, new_chunk
 from .chunks import Walk, pool_chunk
 from .decoders import decode_lfh_offsets
@@ -45,7 +45,7 @@ def lfh_walk(
 
 def _lfh_slots(
     subsegment: int, first: int, block_size: int, count: int, bitmap: bytes, page: int | None
-) -> tuple[list[int], list[bool]]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (from the subsegment) and bitmap state of the slots that can hold blocks, for all slots at once.
 
     Slots that would straddle a page are never handed out; ``page`` keeps only the slots starting in that page.
@@ -63,37 +63,43 @@ def _lfh_slots(
     pair = (bits[np.minimum(byte, max(len(bits) - 1, 0))] >> ((index % 4) * 2).astype(np.uint8)) & 3 if len(bits) \
         else np.zeros(count, dtype=np.uint8)
     allocated = inside & (pair == 1)  # two bits per block: 01 is handed out (see lfh_block_allocated)
-    return offsets[keep].tolist(), allocated[keep].tolist()
+    return offsets[keep], allocated[keep]
 
 
 def _lfh_blocks_at(
-    walk: Walk, subsegment: int, offsets: list[int], allocated: list[bool], block_size: int
+    walk: Walk, subsegment: int, offsets: np.ndarray, allocated: np.ndarray, block_size: int
 ) -> Iterator[Chunk]:
-    """LFH blocks decoded from one buffer of the subsegment's pages; per-block reads when a page is missing."""
+    """LFH blocks decoded from one buffer of the subsegment's pages, every header at once; per-block reads
+    when a page is missing."""
     layout, unit = walk.layout, walk.layout.unit
     lead = subsegment % PAGE_SIZE
-    buffer = walk.pages.read(subsegment - lead, lead + offsets[-1] + unit) if offsets else None
+    buffer = walk.pages.read(subsegment - lead, lead + int(offsets[-1]) + unit) if len(offsets) else None
     if buffer is None:
-        for offset, busy in zip(offsets, allocated):
+        for offset, busy in zip(offsets.tolist(), allocated.tolist()):
             yield pool_chunk(walk, subsegment + offset, Backing.LFH, busy, subsegment + offset, block_size)
         return
-    pool_layout, decode = layout.pool, poolheader.decode
+    pool_layout = layout.pool
+    positions = offsets + lead
+    fields = Fields(buffer)
+    kinds = fields.field(positions, pool_layout.pool_type)
+    previous = fields.field(positions, pool_layout.previous_size) * np.uint64(unit)
     special = pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT  # bodies and charges that need the full decode
     cached, pool = walk.cached, walk.pool
     free, lfh = State.FREE, Backing.LFH
-    for offset, busy in zip(offsets, allocated):
-        address = subsegment + offset
-        header = decode(buffer, pool_layout, lead + offset)
-        kind = header.pool_type
+    tag_at, tag_end = pool_layout.pool_tag.offset, pool_layout.pool_tag.offset + pool_layout.pool_tag.size
+    for at, busy, kind, previous_size in zip(positions.tolist(), allocated.tolist(), kinds.tolist(),
+                                             previous.tolist()):
+        address = subsegment - lead + at
         if busy and kind & special:
             yield pool_chunk(walk, address, Backing.LFH, True, address, block_size)
             continue
+        tag = buffer[at + tag_at : at + tag_end]
         if not busy:
-            yield new_chunk(address, block_size, header.previous_size, header.tag, free, lfh, pool, kind)
+            yield new_chunk(address, block_size, previous_size, tag, free, lfh, pool, kind)
             continue
         body = address + unit
         state = State.CACHED_FREE if cached and (address in cached or body in cached) else State.ALLOCATED
-        yield new_chunk(address, block_size, header.previous_size, header.tag, state, lfh, pool, kind, body)
+        yield new_chunk(address, block_size, previous_size, tag, state, lfh, pool, kind, body)
 
 
 def plausible_lfh_offsets(

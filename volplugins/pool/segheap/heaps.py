@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..kernel import FieldLayout, Kernel
+from ..kernel import FieldLayout, Kernel, per_kernel
 from ..model import Finding
 from .layout import SYMBOLS_MISSING
 from .reads import read_bytes, read_field, read_pointer
@@ -111,9 +112,11 @@ def _slist_entries(kernel: Kernel, header: bytes, base: int, next_entry: FieldLa
         entry = read_pointer(kernel, entry + link)
 
 
+@per_kernel
 def cached_free_addresses(kernel: Kernel) -> frozenset[int]:
     """Blocks freed into the dynamic lookasides (``ExPoolState.PoolNode[n].Lookasides[k].Buckets[b]``) and
-    the VS delay-free lists: the heap still marks them busy, so walkers report them as cached-free."""
+    the VS delay-free lists: the heap still marks them busy, so walkers report them as cached-free (read
+    once per kernel: every owner lookup needs them)."""
     state_type, node_type, dyn_type, la_type = (
         "_EX_POOL_HEAP_MANAGER_STATE", "_EX_HEAP_POOL_NODE", "_RTL_DYNAMIC_LOOKASIDE", "_RTL_LOOKASIDE",
     )

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kernel import Kernel, page_base
+from ..kernel import Kernel, page_base, per_kernel
 from ..model import Chunk, Finding
 from .chunks import Walk, whole_range
 from .decoders import RangeKind
-from .heaps import PoolHeap, cached_free_addresses, heap_keys, pool_heaps
+from .heaps import HeapKeys, PoolHeap, cached_free_addresses, heap_keys, pool_heaps
 from .layout import SYMBOLS_MISSING
 from .lfh import lfh_walk
 from .reads import read_field
-from .segments import PageRange, SegContext, Segment, range_of, read_descriptors, seg_contexts, signature_owner
+from .segments import (Descriptors, PageRange, SegContext, Segment, range_of, read_descriptors, seg_contexts,
+                       signature_owner)
 from .vs import vs_walk
 
 
@@ -29,12 +30,19 @@ class OwnerResult:
     findings: tuple[Finding, ...] = ()
 
 
-def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | None:
+@per_kernel
+def _segment_contexts(kernel: Kernel) -> tuple[dict[int, SegContext], tuple[int, ...]]:
+    """Every segment context of the pool heaps, and their segment masks: the same for every lookup."""
     contexts: dict[int, SegContext] = {}
     for heap in pool_heaps(kernel):
         if isinstance(heap, PoolHeap):
             contexts.update((c.address, c) for c in seg_contexts(kernel, heap) if isinstance(c, SegContext))
-    for mask in sorted({c.segment_mask for c in contexts.values()}):
+    return contexts, tuple(sorted({c.segment_mask for c in contexts.values()}))
+
+
+def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | None:
+    contexts, masks = _segment_contexts(kernel)
+    for mask in masks:
         segment = address & mask
         signature = read_field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
         if signature is None:
@@ -43,6 +51,27 @@ def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | No
         if context is not None and context.segment_mask == mask:
             return Segment(segment, context)
     return None
+
+
+@per_kernel
+def _descriptors(kernel: Kernel, segment: Segment) -> Descriptors | Finding:
+    """A segment's page range descriptors, kept for the next lookup in the same segment."""
+    return read_descriptors(kernel, segment)
+
+
+@per_kernel
+def _range_walk(kernel: Kernel, page_range: PageRange, keys: HeapKeys,
+                cached: frozenset[int]) -> tuple[tuple[Chunk | Finding, int, int], ...]:
+    """Every item of a VS or LFH range with its extent, from one bulk read of the range: lookups of many
+    addresses (an address file) mostly land in ranges an earlier one walked."""
+    walk = Walk.of(kernel, page_range.segment.context.heap.pool, cached)
+    data, missing = kernel.read_table(page_range.address, page_range.size)
+    if not missing:
+        walk.pages.preload_span(page_range.address, data)
+    if page_range.kind is RangeKind.VS:
+        return tuple(vs_walk(walk, page_range.address, keys.heap_key))
+    return tuple((item, item.address, item.address if isinstance(item, Finding) else item.end)
+                 for item in lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size))
 
 
 def find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | None = None) -> OwnerResult:
@@ -67,37 +96,27 @@ def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | No
     if segment is None:
         return OwnerResult(address, findings=(Finding(address, "not inside a pool segment heap segment"),))
     heap = segment.context.heap
-    descriptors = read_descriptors(kernel, segment)
+    descriptors = _descriptors(kernel, segment)
     if isinstance(descriptors, Finding):
         return OwnerResult(address, heap, segment, findings=(descriptors,))
     page_range = range_of(segment, descriptors, address)
     if isinstance(page_range, Finding):
         return OwnerResult(address, heap, segment, findings=(page_range,))
     cached = cached_free_addresses(kernel) if cached is None else cached
+    if page_range.kind is RangeKind.LARGE:
+        owner = whole_range(Walk.of(kernel, heap.pool, cached), page_range)
+        return OwnerResult(address, heap, segment, page_range, (owner,), owner)
     page = page_base(address)
-    walk = Walk.of(kernel, heap.pool, cached)
     chunks: list[Chunk] = []
     findings: list[Finding] = []
     owner = None
-    if page_range.kind is RangeKind.VS:
-        for item, start, end in vs_walk(walk, page_range.address, keys.heap_key):
-            if isinstance(item, Finding):
-                findings.append(item)
-                continue
-            holds = start <= address < end
-            if holds:
-                owner = item
-            if holds or page_base(item.address) == page:
-                chunks.append(item)
-    elif page_range.kind is RangeKind.LFH:
-        for item in lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size, page):
-            if isinstance(item, Finding):
-                findings.append(item)
-                continue
+    for item, start, end in _range_walk(kernel, page_range, keys, cached):
+        if isinstance(item, Finding):
+            findings.append(item)
+            continue
+        holds = start <= address < end
+        if holds:
+            owner = item
+        if holds or page_base(item.address) == page:
             chunks.append(item)
-            if item.contains(address):
-                owner = item
-    else:
-        owner = whole_range(walk, page_range)
-        chunks.append(owner)
     return OwnerResult(address, heap, segment, page_range, tuple(chunks), owner, tuple(findings))

@@ -44,6 +44,7 @@ _LARGE = 1 << 7  # PS
 _LARGE_PAT = 1 << 12  # PAT bit of a large page entry, cleared before the frame is taken
 _PROTOTYPE = 1 << 10
 _TRANSITION = 1 << 11
+_FEW = 64  # pages below which a request is answered in plain Python
 _WINDOW = 1 << 30  # address span walked at once for a small request
 _PAGEFILES = 16  # pagefile numbers a software entry can hold (four bits)
 
@@ -138,21 +139,26 @@ class PageTables:
         prefix = start - low  # the caller's (canonical) numbering of the same addresses
         end = min(low + size, 1 << VIRTUAL_BITS)
         pages, sizes, frames = self._covering(low, end)
-        if not len(pages):
-            return []
+        if len(pages) <= _FEW:
+            pieces = _clipped_pieces(pages.tolist(), sizes.tolist(), frames.tolist(), low, end)
+            return self._runs(prefix, [piece for piece in pieces if self._holds(piece[2], piece[1])])
         offsets, lengths, targets = _clipped(pages, sizes, frames, low, end)
         keep = self._readable(targets, lengths)
         if not keep.all():
             offsets, lengths, targets = offsets[keep], lengths[keep], targets[keep]
-            if not len(offsets):
-                return []
-        joined = np.flatnonzero((offsets[1:] != offsets[:-1] + lengths[:-1])
-                                | (targets[1:] != targets[:-1] + lengths[:-1])) + 1
-        firsts = np.concatenate(([0], joined))
-        run_lengths = np.add.reduceat(lengths, firsts)
+        return self._runs(prefix, zip(offsets.tolist(), lengths.tolist(), targets.tolist()))
+
+    def _runs(self, prefix: int, pieces) -> list[Mapping]:
+        """Pieces (address, length, physical address) in order, joined where both sides continue: the
+        layer's runs."""
+        runs: list[list[int]] = []
+        for offset, length, target in pieces:
+            if runs and runs[-1][0] + runs[-1][1] == offset and runs[-1][2] + runs[-1][1] == target:
+                runs[-1][1] += length
+            else:
+                runs.append([offset, length, target])
         name = self.physical_name
-        return [(prefix + offset, length, target, length, name) for offset, length, target in
-                zip(offsets[firsts].tolist(), run_lengths.tolist(), targets[firsts].tolist())]
+        return [(prefix + offset, length, target, length, name) for offset, length, target in runs]
 
     def _covering(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pages of [start, end), from a window walked earlier when one holds the range.
@@ -173,6 +179,12 @@ class PageTables:
         first = int(np.searchsorted(ends, np.uint64(start), side="right"))
         last = int(np.searchsorted(pages, np.uint64(end), side="left"))
         return pages[first:last], sizes[first:last], frames[first:last]
+
+    def _holds(self, target: int, length: int) -> bool:
+        """Whether the layer below holds all of [target, target + length) (its ``is_valid``)."""
+        if self._bounds is not None:
+            return self._bounds[0] <= target and target + length - 1 <= self._bounds[1]
+        return self._context.layers[self.physical_name].is_valid(target, length)
 
     def _readable(self, targets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Which physical pieces the layer below holds in full (its ``is_valid``)."""
@@ -201,6 +213,16 @@ def _clipped(pages: np.ndarray, sizes: np.ndarray, frames: np.ndarray, start: in
     lengths = np.minimum(pages + sizes, np.uint64(end)) - offsets
     targets = frames | (offsets & (sizes - np.uint64(1)))
     return offsets, lengths, targets
+
+
+def _clipped_pieces(pages: list[int], sizes: list[int], frames: list[int], start: int,
+                    end: int) -> list[tuple[int, int, int]]:
+    """:func:`_clipped` for a few pages, without numpy's per-call cost."""
+    pieces = []
+    for page, size, frame in zip(pages, sizes, frames):
+        offset = max(page, start)
+        pieces.append((offset, min(page + size, end) - offset, frame | (offset & (size - 1))))
+    return pieces
 
 
 def _plain_bounds(layer: interfaces.layers.DataLayerInterface) -> tuple[int, int] | None:

@@ -27,8 +27,8 @@ the layer itself: :func:`mapping` then simply passes the request on.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
-from functools import lru_cache
 
 import numpy as np
 from volatility3.framework import exceptions, interfaces
@@ -244,15 +244,19 @@ def handles(layer: interfaces.layers.DataLayerInterface) -> bool:
                    for number in range(_PAGEFILES))
 
 
-@lru_cache(maxsize=8)
-def _tables_of(context: interfaces.context.ContextInterface, layer_name: str) -> PageTables | None:
-    layer = context.layers[layer_name]
-    return PageTables(context, layer) if handles(layer) else None
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its PageTables, or None
 
 
 def page_tables(context: interfaces.context.ContextInterface, layer_name: str) -> PageTables | None:
-    """The bulk translator of a layer (kept for the context's lifetime), or None when the layer must translate."""
-    return _tables_of(context, layer_name)
+    """The bulk translator of a layer, or None when the layer must translate.
+
+    Kept as long as the layer lives: the tables hold their context weakly, so an image's context still goes
+    when its last user drops it.
+    """
+    layer = context.layers[layer_name]
+    if layer not in _KEPT:
+        _KEPT[layer] = PageTables(weakref.proxy(context), layer) if handles(layer) else None
+    return _KEPT[layer]
 
 
 def mapping(context: interfaces.context.ContextInterface, layer_name: str, start: int,

@@ -18,8 +18,8 @@ import volatility3.plugins
 import volatility3.symbols
 from volatility3 import framework
 from volatility3.framework import automagic, constants, contexts, interfaces, plugins
+from volatility3.framework.automagic import symbol_cache
 from volatility3.framework.configuration import requirements
-from volatility3.framework.renderers import format_hints
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent  # volplugins/: holds windows/, the suite's plugins
 INFO_PLUGIN = "windows.info.Info"
@@ -55,6 +55,15 @@ def configure(cache_dir: Path, symbol_dirs: Iterable[Path] = (), offline: bool =
 def _set_cache(cache_dir: Path) -> None:
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     constants.CACHE_PATH = str(cache_dir)
+
+
+def build_symbol_cache(cache_dir: Path) -> Path:
+    """Index every symbol table on the symbol path into ``cache_dir`` (what automagic does first on every new
+    cache, the slow part of opening an image); returns the index file, which other cache directories may copy."""
+    _set_cache(cache_dir)
+    index = Path(cache_dir) / constants.IDENTIFIERS_FILENAME
+    symbol_cache.SqliteCache(str(index)).update()
+    return index
 
 
 def plugin_class(name: str) -> type[interfaces.plugins.PluginInterface]:
@@ -134,8 +143,11 @@ class VolSession:
 
 
 def _plain(value):
-    if isinstance(value, format_hints.Hex):
-        return int(value)
+    """Plain Python values: hints and Volatility's primitive objects (which do not pickle) become the int, str,
+    float or bytes they stand for; absent values become None."""
     if isinstance(value, interfaces.renderers.BaseAbsentValue):
         return None
+    for plain in (bool, int, float, str, bytes):
+        if isinstance(value, plain):
+            return plain(value)
     return value

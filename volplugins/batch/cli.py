@@ -96,13 +96,13 @@ def _jobs(args: argparse.Namespace, cache_root: Path) -> list[jobs.ImageJob]:
     from volplugins.pool import runner
 
     runner.configure(cache_root / "_main", args.symbol_dirs, args.offline)
-    index = runner.build_symbol_cache(cache_root / "_main")
     runs = jobs.parse_runs(args.plugin or jobs.DEFAULT_PLUGINS)
     inputs = jobs.expand_images(args.images, args.list)
     for problem in inputs.problems:
         print(f"poolbatch: {problem}", file=sys.stderr)
     mapping = jobs.load_baselines(args.baselines) if args.baselines else {}
     default = args.baseline.resolve() if args.baseline else None
+    index = runner.build_symbol_cache(cache_root / "_main") if inputs.images else None
     return [
         jobs.ImageJob(machine=machine, image=str(image), runs=runs, cache_dir=str(cache_root / machine),
                       symbol_dirs=tuple(str(path.resolve()) for path in args.symbol_dirs), offline=args.offline,

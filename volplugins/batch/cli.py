@@ -127,16 +127,17 @@ def _execute(args: argparse.Namespace, out_dir: Path, image_jobs: list[jobs.Imag
         progress.image_done(job.machine, _result_line(result))
 
     try:
-        if args.scheduler:
-            execute.run_dask(todo, args.scheduler, progress.run_started, done)
-        else:
+        if not args.scheduler:
             execute.run_local(todo, args.workers, progress.run_started, done, args.timeout)
-    except OSError as error:
-        print(f"poolbatch: scheduler {args.scheduler}: {error}", file=sys.stderr)
-        return True
+            return False
+        try:
+            execute.run_dask(todo, args.scheduler, progress.run_started, done)
+        except OSError as error:  # unreachable or refusing scheduler
+            print(f"poolbatch: scheduler {args.scheduler}: {error}", file=sys.stderr)
+            return True
+        return False
     finally:
         progress.close()
-    return False
 
 
 def _result_line(result) -> str:

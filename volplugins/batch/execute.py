@@ -33,13 +33,14 @@ class Progress:
         self.running: dict[str, str] = {}
 
     def run_started(self, machine: str, done: int, total: int, starting: str) -> None:
-        self.running[machine] = f"{machine} {done}/{total} {starting}".rstrip()
+        self.running[machine] = f"{machine} {done + 1}/{total} {starting}"
         self.bar.set_postfix_str(", ".join(self.running.values()), refresh=True)
 
     def image_done(self, machine: str, line: str) -> None:
         self.running.pop(machine, None)
         if not self.quiet:
             self.bar.write(line, file=sys.stderr)
+        self.bar.set_postfix_str(", ".join(self.running.values()), refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

@@ -88,12 +88,12 @@ def is_complete(out_dir: Path, job: ImageJob) -> bool:
 
 
 def read_rows(out_dir: Path, machine: str, slug: str) -> list[dict]:
-    """The rows of one run of one image (none when the file is missing or unreadable)."""
+    """The rows of one run of one image (none when the file is missing or damaged)."""
     try:
         text = (out_dir / machine / f"{slug}.jsonl").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def machines_in(out_dir: Path) -> list[str]:

@@ -20,7 +20,7 @@ from volatility3.framework import exceptions
 from volplugins.batch.jobs import INFO_SLUG, ImageJob
 from volplugins.pool.runner import VolSession
 
-ProgressReport = Callable[[str, int, int, str], None]  # machine, runs done, runs in all, the run starting
+ProgressReport = Callable[[str, int, int, str], None]  # machine, runs done, runs in all, the run starting now
 MESSAGES_KEPT = 20  # warnings kept per plugin run
 
 _one_image_at_a_time = threading.Lock()
@@ -70,7 +70,6 @@ def _run_all(job: ImageJob, result: ImageResult, report: ProgressReport) -> None
         if run.slug == INFO_SLUG and output.error is not None:
             result.error = output.error
             return
-    report(job.machine, len(runs), len(runs), "")
 
 
 def _run(session: VolSession, plugin: str, options: dict) -> RunOutput:

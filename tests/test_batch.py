@@ -19,6 +19,7 @@ from samples.snapshots import Leak
 from volplugins.batch import cli, jobs, outputs
 from volplugins.batch.fleet import load_fleet
 from volplugins.batch.outputs import json_value
+from volplugins.pool import tags
 from volrun import ROOT, SYMBOLS, VolSession, cli_json
 
 SIZE = 32 << 20
@@ -109,7 +110,7 @@ def test_summary_matches_the_manifests(batch, local):
         version = manifest["build"]
         assert image["build"] == f"{version['major']}.{version['minor']}.{version['build']}"
         assert image["kernel_base"] == manifest["kernel_base"] & 0xFFFF_FFFF_FFFF
-        tracked = {(row["tag"], row["pool"]): row["bytes"] for row in manifest["tracker"]}
+        tracked = {key: counts[0] for key, counts in tracked_by_tag(manifest).items()}
         largest = sorted(tracked.values(), reverse=True)[:len(image["top_tags"])]
         assert [tag["bytes"] for tag in image["top_tags"]] == largest and len(largest) == 10
         assert all(tracked[(tag["tag"], tag["pool"])] == tag["bytes"] for tag in image["top_tags"])
@@ -166,9 +167,8 @@ def test_fleet_names_exactly_the_leaking_machines(batch, local, tmp_path):
     first = view["tags"][0]
     assert first["tag"] == LEAK.tag.decode() and {o["machine"] for o in first["outliers"]} == batch.leakers
     for machine, manifest in batch.manifests.items():
-        tracked = {(row["tag"], row["pool"]): row for row in manifest["tracker"]}[(first["tag"], first["pool"])]
-        assert first["bytes"][machine] == tracked["bytes"]
-        assert first["allocations"][machine] == tracked["allocs"] - tracked["frees"]
+        tracked = tracked_by_tag(manifest)[(first["tag"], first["pool"])]
+        assert [first["bytes"][machine], first["allocations"][machine]] == tracked
 
     table = subprocess.run(command + ["--html", str(page), "--top", "5"], capture_output=True, text=True,
                            env=environment, timeout=300)
@@ -181,13 +181,24 @@ def test_fleet_names_exactly_the_leaking_machines(batch, local, tmp_path):
     assert all(machine in html for machine in batch.manifests) and html.count("class='out'") == len(batch.leakers)
 
 
+def tracked_by_tag(manifest: dict) -> dict[tuple[str, str], list[int]]:
+    """The manifest's tracker rows: (tag without the protected bit, pool) -> [live bytes, live allocations]."""
+    tracked: dict[tuple[str, str], list[int]] = {}
+    for row in manifest["tracker"]:
+        key = (tags.tag_text(tags.unprotected(tags.tag_from_text(row["tag"]))), row["pool"])
+        counts = tracked.setdefault(key, [0, 0])
+        counts[0] += row["bytes"]
+        counts[1] += row["allocs"] - row["frees"]
+    return tracked
+
+
 def test_fleet_of_the_output_equals_the_fleet_of_the_manifests(batch, local):
-    """Every tag's bytes per machine come from the kernel's tag tracker: the manifest's tracker rows."""
+    """Every tag's bytes and live allocations per machine are the kernel tag tracker's: the manifest's rows."""
     view = load_fleet(local[0])
-    for row in view.tags:
-        for machine, manifest in batch.manifests.items():
-            tracked = {(t["tag"], t["pool"]): t["bytes"] for t in manifest["tracker"]}
-            assert row.bytes[machine] == tracked.get((row.tag, row.pool), 0), (row.tag, machine)
+    for machine, manifest in batch.manifests.items():
+        shown = {(row.tag, row.pool): [row.bytes[machine], row.allocations[machine]] for row in view.tags
+                 if row.bytes[machine] or row.allocations[machine]}
+        assert shown == tracked_by_tag(manifest), machine
 
 
 def test_dask_cluster_run_equals_the_local_run(batch, local, tmp_path):
@@ -246,3 +257,15 @@ def test_images_from_globs_and_list_files(batch, tmp_path):
         sorted(p.name for p in batch.images_dir.glob("win7-*.raw"))
     assert inputs.problems == ("nothing-here-*.raw: no file matches",)
     assert jobs.machine_names([Path("a/x.raw"), Path("b/x.raw"), Path("c/x.vmem")]) == ["x", "x-2", "x-3"]
+
+
+def test_a_refused_plugin_run_fails_its_image_and_the_other_runs_complete(batch, tmp_path):
+    from volplugins.batch.worker import analyse_image
+
+    machine = next(iter(batch.manifests))
+    runs = jobs.parse_runs(["poolcensus --carve --validate", "pooltags"])
+    result = analyse_image(jobs.ImageJob(machine, str(batch.images_dir / f"{machine}.raw"), runs, str(tmp_path),
+                                         (str(SYMBOLS),), offline=True))
+    assert not result.ok and result.error is None
+    assert result.runs["poolcensus-carve-validate"].error == "choose one view at a time; got --carve, --validate"
+    assert result.runs["pooltags"].error is None and result.runs["pooltags"].rows

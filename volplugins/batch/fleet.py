@@ -72,7 +72,7 @@ class Fleet:
 
 def load_fleet(out_dir: Path) -> Fleet:
     """Every machine of the output directory with a PoolMon run (``windows.pooltags`` without a baseline)."""
-    censuses: dict[str, dict[tuple[str, str], dict]] = {}
+    censuses: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}
     builds: dict[str, str | None] = {}
     skipped: list[str] = []
     for machine in outputs.machines_in(out_dir):
@@ -82,14 +82,23 @@ def load_fleet(out_dir: Path) -> Fleet:
         if not rows:
             skipped.append(machine)
             continue
-        censuses[machine] = {(row.get("Tag"), row.get("Type")): row for row in rows
-                             if row.get("Tag") != summary.TOTAL_LABEL}
+        censuses[machine] = _per_tag(rows)
         info = {row.get("Variable"): row.get("Value") for row in outputs.read_rows(out_dir, machine, INFO_SLUG)}
         builds[machine] = summary.build_of(info)
     keys = sorted(set().union(*censuses.values())) if censuses else []
     rows = [_tag_row(key, censuses, _peers(builds)) for key in keys]
     rows.sort(key=lambda row: (not row.outliers, -row.excess, -row.spread_bytes, row.tag, row.pool))
     return Fleet(builds, rows, skipped)
+
+
+def _per_tag(rows: list[dict]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(tag, pool) -> (live bytes, live allocations); a tag seen with and without the protected bit is one tag."""
+    totals: dict[tuple[str, str], tuple[int, int]] = {}
+    for row in summary.tag_rows(rows):
+        key = (row.get(summary.TAG), row.get(summary.POOL))
+        live_bytes, live = totals.get(key, (0, 0))
+        totals[key] = (live_bytes + int(row.get(summary.BYTES) or 0), live + int(row.get(summary.LIVE) or 0))
+    return totals
 
 
 def _peers(builds: dict[str, str | None]) -> dict[str, list[str]]:
@@ -103,8 +112,8 @@ def _peers(builds: dict[str, str | None]) -> dict[str, list[str]]:
 
 def _tag_row(key: tuple[str, str], censuses: dict, peers: dict[str, list[str]]) -> TagRow:
     tag, pool = key
-    values = {machine: int(census.get(key, {}).get("Bytes") or 0) for machine, census in censuses.items()}
-    allocations = {machine: int(census.get(key, {}).get("Diff") or 0) for machine, census in censuses.items()}
+    values = {machine: census.get(key, (0, 0))[0] for machine, census in censuses.items()}
+    allocations = {machine: census.get(key, (0, 0))[1] for machine, census in censuses.items()}
     row = TagRow(tag, pool, values, allocations, statistics.median(values.values()),
                  max(values.values()) - min(values.values()))
     for machine, value in values.items():

@@ -74,7 +74,9 @@ def parse_run(text: str) -> PluginRun:
         raise ValueError("empty plugin choice")
     plugin = _plugin(words[0])
     parser = _OptionParser(prog=words[0], add_help=False)
-    volatility3.cli.CommandLine().populate_requirements_argparse(parser, plugin)
+    # An instance of CommandLine would install vol's console log handler on the root logger; building the
+    # options uses nothing of an instance.
+    volatility3.cli.CommandLine.populate_requirements_argparse(None, parser, plugin)
     try:
         parsed = vars(parser.parse_args(words[1:]))
     except ValueError as error:

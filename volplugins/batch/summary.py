@@ -8,11 +8,15 @@ from typing import Iterable
 
 from volplugins.batch import outputs
 from volplugins.batch.jobs import INFO_SLUG, LEAK_SLUG, POOLTAGS
+from volplugins.pool.census import UNTAGGED_LABEL
 from volplugins.pool.poolmon import TOTAL_TAG
 
 POOLCENSUS = "windows.poolcensus.PoolCensus"
-TOTAL_LABEL = TOTAL_TAG.decode()
 TOP_TAGS = 10
+# windows.pooltags' columns read here and by the fleet view (snapshot rows, then growth rows)
+TAG, POOL, BYTES, LIVE = "Tag", "Type", "Bytes", "Diff"
+BASELINE_BYTES, GROWN_LIVE, GROWN_BYTES = "BaselineBytes", "GrowthLive", "GrowthBytes"
+NOT_TAGS = {TOTAL_TAG.decode(), UNTAGGED_LABEL}  # the totals row; free space that names no allocation
 
 
 def build_summary(out_dir: Path, machines: Iterable[str], top: int = TOP_TAGS) -> dict:
@@ -73,34 +77,35 @@ def _int(text) -> int | None:
         return None
 
 
-def _tag_rows(rows: list[dict]) -> list[dict]:
-    return [row for row in rows if row.get("Tag") != TOTAL_LABEL]
+def tag_rows(rows: list[dict]) -> list[dict]:
+    """The rows that count one tag (not the totals, not untagged free space)."""
+    return [row for row in rows if row.get(TAG) not in NOT_TAGS]
 
 
 def _top_tags(rows: list[dict] | None, top: int) -> list[dict] | None:
     if rows is None:
         return None
-    ranked = sorted(_tag_rows(rows), key=lambda row: row.get("Bytes") or 0, reverse=True)[:top]
-    return [{"tag": row.get("Tag"), "pool": row.get("Type"), "bytes": row.get("Bytes"),
-             "allocations": row.get("Diff")} for row in ranked]
+    ranked = sorted(tag_rows(rows), key=lambda row: row.get(BYTES) or 0, reverse=True)[:top]
+    return [{"tag": row.get(TAG), "pool": row.get(POOL), "bytes": row.get(BYTES), "allocations": row.get(LIVE)}
+            for row in ranked]
 
 
 def _leaks(rows: list[dict] | None, top: int) -> list[dict] | None:
     """Tags whose live bytes grew since the baseline, most grown first."""
     if rows is None:
         return None
-    grown = [row for row in _tag_rows(rows) if (row.get("DiffBytes") or 0) > 0]
-    grown.sort(key=lambda row: row["DiffBytes"], reverse=True)
-    return [{"tag": row.get("Tag"), "pool": row.get("Type"), "baseline_bytes": row.get("BaselineBytes"),
-             "bytes": row.get("Bytes"), "grown_allocations": row.get("DiffAllocs"),
-             "grown_bytes": row.get("DiffBytes")} for row in grown[:top]]
+    grown = [row for row in tag_rows(rows) if (row.get(GROWN_BYTES) or 0) > 0]
+    grown.sort(key=lambda row: row[GROWN_BYTES], reverse=True)
+    return [{"tag": row.get(TAG), "pool": row.get(POOL), "baseline_bytes": row.get(BASELINE_BYTES),
+             "bytes": row.get(BYTES), "grown_allocations": row.get(GROWN_LIVE), "grown_bytes": row.get(GROWN_BYTES)}
+            for row in grown[:top]]
 
 
 def _findings(rows: list[dict] | None) -> list[dict] | None:
     if rows is None:
         return None
-    return [{"address": row.get("Address"), "region": row.get("Region"), "reason": row.get("Reason")}
-            for row in rows]
+    return [{"address": row["Address"], "region": row.get("Region"), "reason": row.get("Reason")}
+            for row in rows if row.get("Address") is not None]  # a clean image's one row has no address
 
 
 def _carved(rows: list[dict] | None) -> list[dict] | None:

@@ -83,6 +83,8 @@ def _run(session: VolSession, plugin: str, options: dict) -> RunOutput:
             output.error = f"no Windows kernel found (unsatisfied: {', '.join(missing)})"
         except exceptions.InvalidAddressException as error:
             output.error = f"unreadable memory at {error.invalid_address:#x} in layer {error.layer_name}"
+        except SystemExit as error:  # a plugin refusing the request (windows.poolcensus --carve --validate)
+            output.error = str(error) or f"plugin ended with exit code {error.code}"
         except Exception as error:  # noqa: BLE001 - one failing plugin must not end the batch
             output.error = f"{type(error).__name__}: {error}"
     if output.error is None and collected.errors:

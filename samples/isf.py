@@ -34,7 +34,8 @@ class KernelTypes:
 
     def __init__(self, isf_path: Path):
         self.path = Path(isf_path)
-        with lzma.open(self.path, "rt") as handle:
+        opener = lzma.open if self.path.suffix == ".xz" else open
+        with opener(self.path, "rt") as handle:
             data = json.load(handle)
         self._types = data["user_types"]
         self._base_types = data["base_types"]

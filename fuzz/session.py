@@ -3,12 +3,14 @@
 The kernel is found once (automagic on the undamaged image); afterwards every
 damaged copy is served from memory by a data layer standing in for the image
 file, under the file layer's name, and the translation layers above it are
-rebuilt so no cached page-table walk of an earlier copy survives.
+rebuilt so no cached page-table walk of an earlier copy survives; what the
+pool library memoised about the kernel's memory is dropped as well.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,3 +100,13 @@ class Session(runner.VolSession):
                        for name, layer in self._above]
         for _, layer in self._above:
             layers.add_layer(layer)
+        _forget_library_memos()
+
+
+def _forget_library_memos() -> None:
+    """Clear every memoised function of the pool library (their keys name the kernel, not the bytes read)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("volplugins.pool") and module is not None:
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()

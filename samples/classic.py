@@ -11,6 +11,16 @@ free lists of its pool descriptor run through its body.  Allocations that do
 not fit in a page minus a header get whole pages without a header and an
 entry in the big page table; Windows charges no quota for those.
 
+From Windows 8 on, a big request below 64 KiB whose last page would keep at
+least 0x40 bytes free is rounded to 16 bytes only, and ExpAllocateBigPool
+returns the rest of that page to the pool: right after the big block's end
+a 'Frag' chunk (BlockSize 2, PreviousSize 0, the QWORD at +0x10 holding the
+big block's rounded size), then a free chunk tagged 'Free' up to the page
+end.  That page's chain starts at the big block's end, not at the page
+start.  Later small requests split the free chunk; as the free chunk is not
+the first of its page, each split takes the end of it, so carved chunks pile
+up from the page end downwards while the 'Free' header stays in place.
+
 Windows 7 has no no-execute pool: NonPagedNx requests are nonpaged.  The
 header's PoolType is the requested type's low bits with the in-use bit 2 set
 (nonpaged even, paged odd); quota allocations (|8) keep the charged
@@ -44,6 +54,13 @@ SESSION_POOL_OFFSET = 0xC000_0000
 GAP_CHANCE = 0.03
 OPEN_PAGES = 4
 HEADER_FIELDS = ("PreviousSize", "PoolIndex", "BlockSize", "PoolType")
+# ExpAllocateBigPool keeps 16-byte granularity below this size when the last page keeps this much free.
+BIG_TAIL_LIMIT = 0x10000
+BIG_TAIL_MINIMUM = 0x40
+FRAG_TAG, FRAG_BLOCKS, TAIL_FREE_TAG = b"Frag", 2, b"Free"
+NEVER_ALLOCATED = "never allocated"
+# Share of small live requests served by splitting a big allocation's returned tail when one fits.
+TAIL_SHARE = 0.3
 POOL_DESCRIPTOR = "_POOL_DESCRIPTOR"
 QUOTA_COOKIE = "ExpPoolQuotaCookie"
 # One node, two processors: one nonpaged pool (index 0) and one paged pool (index 1;
@@ -88,6 +105,18 @@ class _Page:
 
 
 @dataclass
+class _Tail:
+    """The free chunk a big allocation's last page returned to the pool, and the lowest chunk split off it."""
+
+    free: Allocation
+    lowest: Allocation | None = None
+
+    def fits(self, blocks: int) -> bool:
+        """Splitting keeps a free chunk big enough for its free-list links."""
+        return self.free.size // BLOCK - blocks >= FRAG_BLOCKS
+
+
+@dataclass
 class _Pool:
     kind: PoolKind
     cursor: int
@@ -95,6 +124,7 @@ class _Pool:
     open: list[_Page] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     big_pages: int = 0
+    tails: list[_Tail] = field(default_factory=list)
     chunks: list[Allocation] = field(default_factory=list)
     stale_tags: list[bytes] = field(default_factory=list)
 
@@ -126,11 +156,11 @@ class _HeaderLayout:
             header[self.billed_offset : self.billed_offset + 8] = billed.to_bytes(8, "little")
         return bytes(header)
 
-    def block_size_patch(self, blocks: int, current: bytes) -> bytes:
-        """``current`` header bytes with BlockSize replaced."""
-        offset, size, position, mask = self.words["BlockSize"]
+    def patch(self, name: str, value: int, current: bytes) -> bytes:
+        """``current`` header bytes with the field ``name`` (BlockSize, PreviousSize, ...) replaced."""
+        offset, size, position, mask = self.words[name]
         word = int.from_bytes(current[offset : offset + size], "little")
-        word = (word & ~(mask << position)) | ((blocks & mask) << position)
+        word = (word & ~(mask << position)) | ((value & mask) << position)
         return current[:offset] + word.to_bytes(size, "little") + current[offset + size :]
 
 
@@ -187,6 +217,9 @@ class ClassicPools:
             return self._allocate_big(target, size, tag, pool_type & ~QUOTA, state)
         blocks = max(1, (size + self.header.size + BLOCK - 1) // BLOCK)
         free = state == "Free"
+        tail = None if free or cache_aligned else self._tail_for(target, blocks)
+        if tail is not None:
+            return self._split_tail(target, tail, blocks, tag, pool_type, quota_process)
         # A freed cache-aligned chunk has been coalesced with its leading fragment.
         aligned = cache_aligned and not free
         page = self._choose_page(target, blocks, free, aligned)
@@ -240,8 +273,16 @@ class ClassicPools:
         state: str,
         quota_process: int | None,
     ) -> Allocation:
-        address = page.base + page.used
         previous = page.last.size // BLOCK if page.last else 0
+        allocation = self._place(pool, page.base + page.used, previous, blocks, tag, pool_type, state, quota_process)
+        page.used += blocks * BLOCK
+        page.last = allocation
+        page.allocated += state == "Allocated"
+        return allocation
+
+    def _place(self, pool: _Pool, address: int, previous: int, blocks: int, tag: bytes, pool_type: int, state: str,
+               quota_process: int | None, note: str = "") -> Allocation:
+        """Write one chunk's header and record the chunk (sizes in blocks)."""
         header_type = (pool_type & 0xFF) | IN_USE if state == "Allocated" else 0
         values = {"PreviousSize": previous, "PoolIndex": pool.kind.pool_index, "BlockSize": blocks, "PoolType": header_type}
         self.image.space.write(address, self.header.pack(values, tag, self._billed(address, quota_process)))
@@ -257,12 +298,19 @@ class ClassicPools:
             previous_size=previous * BLOCK,
             body=address + self.header.size,
             quota_process=quota_process,
+            note=note,
         )
-        page.used += blocks * BLOCK
-        page.last = allocation
-        page.allocated += state == "Allocated"
         pool.chunks.append(allocation)
         return self.image.manifest.add(allocation)
+
+    def _patch(self, allocation: Allocation, name: str, blocks: int) -> None:
+        """Change one size field of a written chunk, in memory and in the manifest."""
+        current = self.image.space.read(allocation.address, self.header.size)
+        self.image.space.write(allocation.address, self.header.patch(name, blocks, current))
+        if name == "BlockSize":
+            allocation.size = blocks * BLOCK
+        else:
+            allocation.previous_size = blocks * BLOCK
 
     def _billed(self, header: int, process: int | None) -> int | None:
         """ProcessBilled as stored: the process itself, or encoded with the header address and cookie."""
@@ -272,10 +320,7 @@ class ClassicPools:
 
     def _grow(self, page: _Page, extra: int) -> None:
         """Coalesce ``extra`` bytes into the page's last chunk, which is free."""
-        last = page.last
-        last.size += extra
-        current = self.image.space.read(last.address, self.header.size)
-        self.image.space.write(last.address, self.header.block_size_patch(last.size // BLOCK, current))
+        self._patch(page.last, "BlockSize", (page.last.size + extra) // BLOCK)
         page.used += extra
 
     def _close(self, pool: _Pool, page: _Page) -> None:
@@ -312,17 +357,23 @@ class ClassicPools:
         return address
 
     def _allocate_big(self, pool: _Pool, size: int, tag: bytes, pool_type: int, state: str) -> Allocation:
-        """Whole pages, no header, an entry in the big page table; freed ones leave their VA unmapped."""
-        pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+        """Pages without a header and an entry in the big page table; freed ones leave their VA unmapped.
+
+        A live allocation whose size is not a page multiple returns the rest of its last page to the pool.
+        """
+        length = self._big_length(size)
+        pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
         address = self._take_pages(pool, pages)
         free = state == "Free"
         if not free:
             self.image.space.map_range(address, pages * PAGE_SIZE)
             pool.big_pages += pages
-        self.tables.add_big(address, pages * PAGE_SIZE, tag, pool_type, free)
+        self.tables.add_big(address, length, tag, pool_type, free)
+        if length % PAGE_SIZE and not free:
+            self._return_tail(pool, address, length, pool_type)
         allocation = Allocation(
             address=address,
-            size=pages * PAGE_SIZE,
+            size=length,
             tag=tag_text(tag),
             pool_type=pool_type,
             pool=pool.kind.name,
@@ -332,6 +383,46 @@ class ClassicPools:
             body=address,
         )
         return self.image.manifest.add(allocation)
+
+    def _big_length(self, size: int) -> int:
+        """The bytes ExpAllocateBigPool takes: 16-byte granular when its kernel returns page tails, else pages."""
+        rounded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        spare = PAGE_SIZE - size % PAGE_SIZE
+        if self.image.flavor.big_pool_tails and BIG_TAIL_MINIMUM <= spare < PAGE_SIZE and rounded < BIG_TAIL_LIMIT:
+            return rounded
+        return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+    def _return_tail(self, pool: _Pool, big: int, length: int, pool_type: int) -> None:
+        """The 'Frag' chunk after a big block's end and the free chunk up to its page end."""
+        end = big + length
+        frag_type = pool_type & (PAGED | SESSION)
+        note = f"tail of the big allocation at {big:#x}"
+        self._place(pool, end, 0, FRAG_BLOCKS, FRAG_TAG, frag_type, "Allocated", None, note)
+        self.image.space.write_u64(end + self.header.size, length)
+        free_at = end + FRAG_BLOCKS * BLOCK
+        blocks = (PAGE_SIZE - free_at % PAGE_SIZE) // BLOCK
+        free = self._place(pool, free_at, FRAG_BLOCKS, blocks, TAIL_FREE_TAG, 0, "Free", None,
+                           f"{NEVER_ALLOCATED}: {note}")
+        pool.tails.append(_Tail(free))
+
+    def _tail_for(self, pool: _Pool, blocks: int) -> _Tail | None:
+        fitting = [tail for tail in pool.tails if tail.fits(blocks)]
+        if fitting and self.rng.random() < TAIL_SHARE:
+            return self.rng.choice(fitting)
+        return None
+
+    def _split_tail(self, pool: _Pool, tail: _Tail, blocks: int, tag: bytes, pool_type: int,
+                    quota_process: int | None) -> Allocation:
+        """Serve a request from the end of a returned tail's free chunk."""
+        remaining = tail.free.size // BLOCK - blocks
+        self._patch(tail.free, "BlockSize", remaining)
+        address = tail.free.address + remaining * BLOCK
+        allocation = self._place(pool, address, remaining, blocks, tag, pool_type, "Allocated", quota_process)
+        if tail.lowest is not None:
+            self._patch(tail.lowest, "PreviousSize", blocks)
+        tail.lowest = allocation
+        self._remember_tag(pool, tag)
+        return allocation
 
     # -- bookkeeping -----------------------------------------------------------
     def finish(self) -> None:
@@ -364,9 +455,10 @@ class ClassicPools:
         values = {"PoolType": PAGED if pool is None else pool.kind.pool_type, "PoolIndex": index}
         if pool is not None:
             allocated = [chunk for chunk in pool.chunks if chunk.state == "Allocated"]
-            freed = [chunk for chunk in pool.chunks if chunk.state != "Allocated"]
+            free = [chunk for chunk in pool.chunks if chunk.state != "Allocated"]
+            freed = [chunk for chunk in free if not chunk.note.startswith(NEVER_ALLOCATED)]
             values.update(self._statistics(allocated, freed, pool))
-            for chunk in freed:
+            for chunk in free:
                 blocks = chunk.size // BLOCK
                 if 2 <= blocks <= count:
                     lists.setdefault(blocks - 1, []).append(chunk.body)

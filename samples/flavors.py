@@ -29,6 +29,9 @@ class Flavor:
     seed_page: bool = False
     # Windows 7 sets the high bit of object tags ("protected" allocations); later builds do not.
     protected_object_tags: bool = False
+    # Windows 8 and later (classic pool): ExpAllocateBigPool rounds a big request below 64 KiB to 16 bytes
+    # and hands the rest of its last page back to the pool, behind a 'Frag' chunk.  Windows 7 takes whole pages.
+    big_pool_tails: bool = False
     # Kernel virtual-address regions: name -> (base, size).  Pool allocations
     # are placed inside the pool regions; the rest exist so lookups of
     # non-pool addresses have something real to name.
@@ -127,6 +130,7 @@ WIN10_1809 = Flavor(
     segment_heap=False,
     self_map_index=0x1C4,
     kernel_base=0xFFFFF80174A00000,
+    big_pool_tails=True,
     regions={
         # Classic pool on a Windows 10 kernel: regions are assigned at boot like later builds.
         "NonPagedPool": (0xFFFFB30000000000, 0x100_0000_0000),

@@ -377,9 +377,75 @@ def test_windows_10_classic_pool_encodes_quota_and_keeps_running_counters():
         assert _u64(image, allocation.address + billed_offset) == EPROCESS ^ allocation.address ^ cookie
     assert not image.types.has_symbol("MmNonPagedPoolStart")
     descriptor = image.space.read(image.symbol("NonPagedPoolDescriptor"), image.types.size("_POOL_DESCRIPTOR"))
-    nonpaged = [a for a in image.manifest.allocations if a.pool == "NonPaged" and a.backing == "Page"]
+    # The free rest of a big allocation's last page was never allocated: the descriptor does not count it.
+    nonpaged = [a for a in image.manifest.allocations if a.pool == "NonPaged" and a.backing == "Page"
+                and not a.note.startswith("never allocated")]
     freed = sum(1 for a in nonpaged if a.state != "Allocated")
     assert _field(image, "_POOL_DESCRIPTOR", descriptor, 0, "RunningAllocs") == len(nonpaged)
     assert _field(image, "_POOL_DESCRIPTOR", descriptor, 0, "RunningDeallocs") == freed
     assert _field(image, "_POOL_DESCRIPTOR", descriptor, 0, "BytesDeallocated") == \
         sum(a.size for a in nonpaged if a.state != "Allocated")
+
+
+def _win1809_with_big_tails() -> tuple[Image, PoolTables]:
+    image = Image(FLAVORS["win10-1809"], seed=6, physical_size=32 << 20)
+    build_kernel(image)
+    tables = PoolTables()
+    pools = ClassicPools(image, tables)
+    rng = image.rng
+    for index in range(2500):
+        pool = rng.choice(("NonPaged", "Paged", "Session"))
+        if index % 25 == 0:
+            size = rng.choice((rng.randrange(0x1000, 0x12000, 0x10), rng.randrange(1, 5) * PAGE - rng.randrange(0, 0x40)))
+            pools.allocate(size, rng.choice(TAGS), pool, state="Free" if index % 100 == 0 else "Allocated")
+        else:
+            pools.allocate(rng.randrange(0x10, 0x300), rng.choice(TAGS), pool,
+                           quota_process=EPROCESS if rng.random() < 0.05 else None)
+    pools.finish()
+    tables.write(image)
+    return image, tables
+
+
+def test_big_allocations_hand_the_rest_of_their_last_page_back_to_the_pool():
+    """Windows 8 and later: below 64 KiB a big block ends on a 16-byte boundary, then a 'Frag' chunk holding the
+    block's size and a free chunk to the page end, which later requests split from its end."""
+    image, tables = _win1809_with_big_tails()
+    _check_big_table(image, tables)
+    manifest = image.manifest.allocations
+    pages = _pages(image)
+    header = image.types.size("_POOL_HEADER")
+    tails = split = 0
+    for big in (a for a in manifest if a.backing == "Big" and a.state == "Allocated"):
+        spare = PAGE - big.size % PAGE
+        if big.size % PAGE == 0:
+            assert big.size >= 0x10000 or all(a.address != big.address + big.size for a in manifest if a.tag == "Frag")
+            continue
+        assert big.size < 0x10000 and spare >= 0x40 and big.size % 16 == 0
+        end = big.address + big.size
+        raw = image.space.read(end & ~(PAGE - 1), PAGE)
+        offset, previous, decoded = end % PAGE, 0, []
+        while offset < PAGE:
+            blocks = _field(image, "_POOL_HEADER", raw, offset, "BlockSize")
+            assert blocks > 0 and _field(image, "_POOL_HEADER", raw, offset, "PreviousSize") == previous
+            decoded.append((end - end % PAGE + offset, blocks * 16, previous * 16, raw[offset + 4 : offset + 8]))
+            previous, offset = blocks, offset + blocks * 16
+        assert offset == PAGE
+        frag_type = _field(image, "_POOL_HEADER", raw, end % PAGE, "PoolType")
+        assert decoded[0][1:] == (0x20, 0, b"Frag") and frag_type == 2 | (big.pool_type & 0x21)
+        assert _u64(image, end + 0x10) == big.size
+        assert decoded[1][3] == b"Free" and _field(image, "_POOL_HEADER", raw, end % PAGE + 0x20, "PoolType") == 0
+        free_body = decoded[1][0] + header
+        if big.pool != "Session":  # the model writes no session pool descriptor
+            assert _u64(image, _u64(image, free_body) + 8) == free_body  # linked into a descriptor's free list
+        recorded = sorted((a.address, a.size, a.previous_size, tag_bytes(a.tag)) for a in pages[end & ~(PAGE - 1)])
+        assert sorted(decoded) == recorded
+        tails += 1
+        split += len(decoded) - 2
+    assert tails >= 20 and split >= 20
+
+
+def test_windows_7_big_allocations_take_whole_pages(win7):
+    image, _ = win7
+    big = [a for a in image.manifest.allocations if a.backing == "Big"]
+    assert big and all(a.size % PAGE == 0 for a in big)
+    assert not any(a.tag == "Frag" for a in image.manifest.allocations)

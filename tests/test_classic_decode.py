@@ -174,14 +174,28 @@ def test_valid_chain_yields_every_chunk(flavor, request):
     assert walk.owner(PAGE + 0x150).tag == b"Pgd " and walk.owner(PAGE + 0x1000) is None
 
 
-def test_broken_previous_size_reports_once_and_keeps_what_precedes(win10):
+def test_broken_previous_size_is_reported_and_the_walk_goes_on(win10):
     page = build_page(GOOD)
     page[0x140] = 0x05  # PreviousSize of the third chunk: 0x50 instead of 0x100
     walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
     assert len(walk.findings) == 1
     assert walk.findings[0].address == PAGE + 0x140
     assert "PreviousSize 0x50" in walk.findings[0].reason
-    assert [c.tag for c in walk.chunks] == [b"Abcd", b"Free"]
+    assert [c.tag for c in walk.chunks] == [b"Abcd", b"Free", b"Pgd ", b"Last"]
+    assert [walk.past_break(c) for c in walk.chunks] == [False, False, True, True]
+    assert walk.owner(PAGE + 0x1A8).tag == b"Last"
+
+
+def test_walk_past_a_break_stops_at_an_implausible_header(win10):
+    page = build_page(GOOD)
+    page[0x140] = 0x05
+    page[0x1A0 + 4 : 0x1A0 + 8] = b"\x01\x02\x03\x04"  # the header after the break has no tag a driver writes
+    walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
+    assert [c.tag for c in walk.chunks] == [b"Abcd", b"Free", b"Pgd "]
+    assert [f.address for f in walk.findings] == [PAGE + 0x140]
+    page[0x140 + 3] = 0x41  # and a broken header whose PoolType has no in-use bit is not trusted either
+    walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
+    assert [c.tag for c in walk.chunks] == [b"Abcd", b"Free"] and [f.address for f in walk.findings] == [PAGE + 0x140]
 
 
 def test_block_size_zero_stops_the_walk(win7):
@@ -196,7 +210,40 @@ def test_first_previous_size_must_be_zero(win10):
     page = build_page(GOOD)
     page[0] = 1
     walk = classic.parse_page(bytes(page), PAGE, poolheader.header_layout(win10[0]))
-    assert walk.chunks == () and [f.address for f in walk.findings] == [PAGE]
+    assert [f.address for f in walk.findings] == [PAGE] and "first chunk" in walk.findings[0].reason
+    assert len(walk.chunks) == 4 and all(walk.past_break(c) for c in walk.chunks)
+
+
+def big_tail_page(end: int, size: int) -> bytearray:
+    """The last page of a big allocation of ``size`` bytes ending at page offset ``end``: the big block's data,
+    then a 'Frag' chunk recording the size, the free rest, and a chunk split off the rest's end."""
+    page = bytearray(bytes(range(256)) * 16)
+    page[end : end + 16] = pool_header(0, 2, 0x02, b"Frag")
+    page[end + 16 : end + 24] = size.to_bytes(8, "little")
+    free = (0x1000 - end - 0x20 - 0x80) // 16
+    page[end + 0x20 : end + 0x30] = pool_header(2, free, 0, b"Free")
+    page[0xF80:0xF90] = pool_header(free, 8, 0x02, b"Late")
+    return page
+
+
+def test_a_big_allocations_last_page_starts_at_its_frag_chunk(win10):
+    layout = poolheader.header_layout(win10[0])
+    page = big_tail_page(0x230, 0x5230)
+    assert classic.tail_start(bytes(page), layout, 0x1000) == 0x230
+    walk = classic.parse_page(bytes(page), PAGE, layout, start=0x230)
+    assert walk.complete
+    assert [(c.address - PAGE, c.size, c.tag) for c in walk.chunks] == [
+        (0x230, 0x20, b"Frag"), (0x250, 0xD30, b"Free"), (0xF80, 0x80, b"Late")]
+    # Two pages of a block: the second one is found at its own offset.
+    assert classic.tail_start(bytes(0x1000) + bytes(page), layout, 0x1000, 0x1000) == 0x230
+
+
+def test_a_frag_header_must_record_the_size_that_ends_there(win10):
+    layout = poolheader.header_layout(win10[0])
+    assert classic.tail_start(bytes(big_tail_page(0x230, 0x5240)), layout, 0x1000) is None
+    broken = big_tail_page(0x230, 0x5230)
+    broken[0xF80] = 3  # the split-off chunk's PreviousSize no longer matches: the chain must end exactly
+    assert classic.tail_start(bytes(broken), layout, 0x1000) is None
 
 
 def test_chunk_running_past_the_page_end(win10):
@@ -230,6 +277,14 @@ def test_walk_page_through_the_layer_decodes_quota(win10):
     assert poolheader.decode_quota(EPROCESS ^ COOKIE ^ PAGE, PAGE, poolheader.header_layout(kernel), cookie) == EPROCESS
     unreadable = classic.walk_page(kernel, PAGE + 0x10000)
     assert unreadable.chunks == () and len(unreadable.findings) == 1
+
+
+def test_walk_page_finds_a_tail_without_a_big_page_table(win10):
+    kernel, layer = win10
+    tail = PAGE + 0x40000
+    layer.put(tail, bytes(big_tail_page(0x230, 0x5230)))
+    walk = classic.walk_page(kernel, tail + 0xF90)
+    assert walk.complete and walk.owner(tail + 0xF90).tag == b"Late"
 
 
 # -- big page table ----------------------------------------------------------

@@ -15,6 +15,7 @@ from .kernel import Kernel
 from .model import Backing, Chunk, Finding, State
 
 NOT_POOL = "not pool"
+PAST_BREAK = "found past a broken chain"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class OwnerAnswer:
     object: objects.ObjectInfo | None = None
     quota_process_name: str = ""
     freed_big: bigpages.BigAllocation | None = None  # a freed big allocation that held the address
+    caveat: str = ""  # how far to trust the owner when it was not found on an intact chain
 
     @property
     def is_pool(self) -> bool:
@@ -97,7 +99,8 @@ def _classic_answer(kernel: Kernel, address: int, region: regions.RegionAnswer) 
     walk = classic.walk_page(kernel, address, region.pool or "")
     owner = walk.owner(address)
     reason = "" if owner else "no chunk of this page holds the address (the page's chain is broken before it)"
-    return OwnerAnswer(address, region.name, walk.chunks, owner, walk.findings, reason=reason)
+    caveat = PAST_BREAK if owner is not None and walk.past_break(owner) else ""
+    return OwnerAnswer(address, region.name, walk.chunks, owner, walk.findings, reason=reason, caveat=caveat)
 
 
 def _with_details(kernel: Kernel, answer: OwnerAnswer) -> OwnerAnswer:

@@ -372,10 +372,10 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
             pages = len(data) // decoder.page_size
             coverage.pages_walked += pages
             page_addresses = offset + np.arange(pages, dtype=np.uint64) * np.uint64(decoder.page_size)
-            in_big = _inside(page_addresses, big_starts, big_reach)
+            in_big, starts = _chain_starts(page_addresses, big_starts, big_reach, decoder.page_size)
             batch: list[Chunk | Finding] = []
             try:
-                batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, coverage))
+                batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, starts, coverage))
             except _WALK_STOPS:
                 yield batch
                 raise
@@ -383,52 +383,96 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
         done += span.end - span.start
 
 
-def _inside(addresses: np.ndarray, starts: np.ndarray, reach: np.ndarray) -> np.ndarray:
-    """Which addresses fall inside a live big allocation (``reach``: running maximum of their ends)."""
+def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,
+                  page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pages wholly inside a live big allocation, and where the chain of every other page starts: at the
+    page start, or at the end of a big allocation that ends inside the page (``reach``: running maximum
+    of the ends of the allocations sorted by start)."""
+    offsets = np.zeros(len(pages), dtype=np.int64)
     if not len(starts):
-        return np.zeros(len(addresses), dtype=bool)
-    position = np.searchsorted(starts, addresses, side="right").astype(np.int64) - 1
-    return (position >= 0) & (reach[np.maximum(position, 0)] > addresses)
+        return np.zeros(len(pages), dtype=bool), offsets
+    position = np.searchsorted(starts, pages, side="right").astype(np.int64) - 1
+    covering = position >= 0
+    end = np.where(covering, reach[np.maximum(position, 0)], np.uint64(0))
+    inside = covering & (end >= pages + np.uint64(page_size))
+    tail = covering & (end > pages) & ~inside
+    offsets[tail] = (end[tail] - pages[tail]).astype(np.int64)
+    return inside, offsets
 
 
 def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
-                   coverage: Coverage) -> Iterator[Chunk | Finding]:
-    """The chunks of every page of a block whose chain is complete; findings for pool pages that break."""
-    layout, page_size, unit = decoder.layout, decoder.page_size, decoder.layout.unit
+                   starts: np.ndarray, coverage: Coverage) -> Iterator[Chunk | Finding]:
+    """The chunks of every page of a block whose chain is complete; findings for pool pages that break.
+
+    A page whose chain neither starts at ``starts`` nor at the page start may be the last page of a big
+    allocation the big page table does not describe: its chain is searched for from the page's bytes."""
+    layout, page_size = decoder.layout, decoder.page_size
     headers = Fields(data)
-    page_count = len(data) // page_size
-    page_offsets = np.arange(page_count, dtype=np.int64) * page_size
-    first_previous = headers.field(page_offsets, layout.previous_size)
-    first_blocks = headers.field(page_offsets, layout.block_size)
-    candidates = np.flatnonzero(~in_big & (first_previous == 0) & (first_blocks != 0))
-    coverage.pages_not_pool += page_count - len(candidates)
-    offsets = np.zeros(len(candidates), dtype=np.int64)
-    expected = np.zeros(len(candidates), dtype=np.uint64)
-    alive = np.ones(len(candidates), dtype=bool)
+    page_offsets = np.arange(len(data) // page_size, dtype=np.int64) * page_size
+    first = page_offsets + starts
+    candidates = np.flatnonzero(~in_big & (headers.field(first, layout.previous_size) == 0)
+                                & (headers.field(first, layout.block_size) != 0))
+    complete, where = _walk_chains(headers, first[candidates], page_offsets[candidates] + page_size, layout,
+                                   page_size)
+    coverage.classic_pages += int(complete.sum())
+    searched = np.setdiff1d(np.flatnonzero(~in_big), candidates[complete])
+    tails = list(_tail_pages(data, base, searched, pool, decoder))
+    coverage.classic_pages += len(tails)
+    coverage.pages_not_pool += len(page_offsets) - int(complete.sum()) - len(tails)
+    found_tails = {walk.page for walk in tails}
+    broken = [page for page in candidates[~complete].tolist() if base + page * page_size not in found_tails]
+    yield from _broken_pages(data, base, broken, starts, decoder)
+    yield from _classic_chunks(data, headers, where, base, pool, decoder)
+    for walk in tails:
+        yield from walk.chunks
+
+
+def _walk_chains(headers: Fields, first: np.ndarray, ends: np.ndarray, layout: poolheader.HeaderLayout,
+                 page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Walk many chains at once from their first headers (byte positions in the block) to ``ends``; which of
+    them end there exactly, with every PreviousSize matching, and the sorted header positions of those."""
+    unit = layout.unit
+    offsets = first.copy()
+    expected = np.zeros(len(first), dtype=np.uint64)
+    alive = np.ones(len(first), dtype=bool)
     positions, owners = [], []
     for _ in range(page_size // unit):
-        active = np.flatnonzero(alive & (offsets < page_size))
+        active = np.flatnonzero(alive & (offsets < ends))
         if not len(active):
             break
-        where = page_offsets[candidates[active]] + offsets[active]
+        where = offsets[active]
         previous = headers.field(where, layout.previous_size)
         blocks = headers.field(where, layout.block_size)
         sizes = blocks.astype(np.int64) * unit
-        fits = (previous == expected[active]) & (blocks != 0) & (offsets[active] + sizes <= page_size)
+        fits = (previous == expected[active]) & (blocks != 0) & (where + sizes <= ends[active])
         alive[active[~fits]] = False
         good = active[fits]
         positions.append(where[fits])
         owners.append(good)
         expected[good] = blocks[fits]
         offsets[good] += sizes[fits]
-    complete = alive & (offsets == page_size)
-    coverage.classic_pages += int(complete.sum())
-    coverage.pages_not_pool += int((~complete).sum())
-    yield from _broken_pages(data, base, candidates[~complete], decoder)
-    if positions:
-        where = np.concatenate(positions)
-        where = np.sort(where[complete[np.concatenate(owners)]])
-        yield from _classic_chunks(data, headers, where, base, pool, decoder)
+    complete = alive & (offsets == ends)
+    if not positions:
+        return complete, np.zeros(0, dtype=np.int64)
+    where = np.concatenate(positions)
+    return complete, np.sort(where[complete[np.concatenate(owners)]])
+
+
+def _tail_pages(data: bytes, base: int, pages: np.ndarray, pool: str,
+                decoder: _ClassicDecoder) -> Iterator[classic.PageWalk]:
+    """Complete chains of big allocations' last pages among ``pages``, found by their 'Frag' header."""
+    layout, page_size = decoder.layout, decoder.page_size
+    if not len(pages):
+        return
+    tag = np.frombuffer(classic.FRAG_TAG, dtype="<u4")[0]
+    tags = np.frombuffer(data, dtype="<u4")[layout.pool_tag.offset // 4 :: layout.unit // 4]
+    per_page = page_size // layout.unit
+    marked = tags[: len(data) // layout.unit].reshape(-1, per_page)[pages] == tag
+    for page in pages[marked.any(axis=1)].tolist():
+        start = classic.tail_start(data, layout, page_size, page * page_size)
+        if start is not None:
+            content = data[page * page_size : (page + 1) * page_size]
+            yield classic.parse_page(content, base + page * page_size, layout, decoder.cookie, pool, start)
 
 
 def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, pool: str,
@@ -454,15 +498,16 @@ def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, 
                         names.get(pool_type) or decoder.pool_name(pool_type), pool_type, address + unit, quota)
 
 
-def _broken_pages(data: bytes, base: int, pages: np.ndarray, decoder: _ClassicDecoder) -> Iterator[Finding]:
+def _broken_pages(data: bytes, base: int, pages: list[int], starts: np.ndarray,
+                  decoder: _ClassicDecoder) -> Iterator[Finding]:
     """Pages whose first header looks like a pool header (printable tag) but whose chain breaks."""
     tag_at, tag_size = decoder.layout.pool_tag.offset, decoder.layout.pool_tag.size
-    for page in pages.tolist():
+    for page in pages:
         start = page * decoder.page_size
-        if not printable_tag(data[start + tag_at : start + tag_at + tag_size]):
+        first = start + int(starts[page])
+        if not printable_tag(data[first + tag_at : first + tag_at + tag_size]):
             continue
         content = data[start : start + decoder.page_size]
-        walk = classic.parse_page(content, base + start, decoder.layout, decoder.cookie)
+        walk = classic.parse_page(content, base + start, decoder.layout, decoder.cookie, start=int(starts[page]))
         for finding in walk.findings:
             yield Finding(finding.address, f"pool page {base + start:#x}: {finding.reason}")
-

@@ -163,7 +163,8 @@ def _stale_tag(kernel: Kernel, chunk: Chunk, is_owner: bool) -> bytes:
 
 def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, stale: bytes, description: str, binary: str) -> str:
     """The line ``!pool`` prints under the owner (``Pooltag Proc : Process objects, Binary : nt!ps``), and quota;
-    for a free owner, what was freed there (``Free (was: CM16 : ...)``), from the tag its last user left."""
+    for a free owner, what was freed there (``Free (was: CM16 : ...)``), from the tag its last user left; last,
+    how the owner was found when not on an intact chain."""
     if chunk.state in FREED_STATES:
         was = (f"was: {tag_text(unprotected(stale))} : {description or 'unknown'}, Binary : {binary or 'unknown'}"
                if stale else "nothing left in it names what was freed here")
@@ -171,10 +172,12 @@ def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, stale: bytes, descripti
         if big is not None and big.va != chunk.address:
             was += (f"; a freed big allocation held this address: {tag_text(unprotected(big.tag))}, "
                     f"{big.size:#x} bytes at {big.va:x}")
-        return f"{chunk.state.value} ({was})"
+        return "; ".join([f"{chunk.state.value} ({was})", *filter(None, [answer.caveat])])
     protected = " (Protected)" if is_protected(chunk.tag) else ""
     parts = [f"Pooltag {tag_text(unprotected(chunk.tag))}{protected} : {description or 'unknown'}, "
              f"Binary : {binary or 'unknown'}"]
     if answer.quota_note(chunk):
         parts.append(answer.quota_note(chunk))
+    if answer.caveat:
+        parts.append(answer.caveat)
     return "; ".join(parts)

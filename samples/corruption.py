@@ -14,6 +14,10 @@ structure has been written:
   past its subsegment.  Reported at the VS chunk header.
 * ``bad-tag``: an allocated chunk's tag overwritten with unprintable bytes.
   Reported at that pool header.
+* ``smeared-regions``: the kernel's pool region bookkeeping (Windows 7's
+  ``Mm*`` pool bounds, Windows 10's ``MiState`` VA region table) overwritten
+  with random bytes, as a smeared or half-paged-out image has it.  No chunk
+  is damaged; a reader must find the pool pages without the bookkeeping.
 
 Targets are chosen far apart (different pages, different VS subsegments) so
 one corruption cannot hide another, and with a random generator of their own
@@ -30,7 +34,11 @@ from typing import Callable, Sequence
 from .image import Image
 from .manifest import Allocation
 
-KINDS = ("overflow", "bad-size", "bad-vs-header", "bad-tag")
+KINDS = ("overflow", "bad-size", "bad-vs-header", "bad-tag", "smeared-regions")
+# Variables that bound the pools on builds without MiState's VA region table.
+REGION_VARIABLES = ("MmNonPagedPoolStart", "MiNonPagedPoolStartAligned", "MiNonPagedPoolEnd",
+                    "MmMaximumNonPagedPoolInBytes", "MmPagedPoolStart", "MmPagedPoolEnd", "MmSizeOfPagedPoolInBytes")
+VA_REGIONS = ("_MI_SYSTEM_INFORMATION", "Vs.SystemVaRegions")
 PAGE = 0x1000
 UNIT = 0x10  # x64 pool block and VS granule
 VS_HEADER = 0x10
@@ -71,6 +79,7 @@ def corrupt(image: Image, kinds: Sequence[str]) -> list[Corruption]:
         "bad-size": _bad_size,
         "bad-vs-header": _bad_vs_header,
         "bad-tag": _bad_tag,
+        "smeared-regions": _smeared_regions,
     }
     done = []
     for kind in parse_kinds(",".join(kinds)):
@@ -170,3 +179,16 @@ def _bad_tag(chooser: _Chooser) -> Corruption:
     target = chooser.pick(chooser.small_allocated())
     image.space.write(target.address + image.types.offset("_POOL_HEADER", "PoolTag"), BAD_TAG)
     return Corruption("bad-tag", target.address, target.address, f"tag {target.tag} -> {BAD_TAG!r}")
+
+
+def _smeared_regions(chooser: _Chooser) -> Corruption:
+    image = chooser.image
+    smeared: list[tuple[str, int, int]] = [(name, image.symbol(name), 8) for name in REGION_VARIABLES
+                                           if image.types.has_symbol(name)]
+    if image.types.has_symbol("MiState") and image.types.has_field(*VA_REGIONS):
+        table = image.types.field(*VA_REGIONS)
+        smeared.append(("MiState." + VA_REGIONS[1], image.symbol("MiState") + table.offset, table.size))
+    for _, address, size in smeared:
+        image.space.write(address, bytes(chooser.rng.getrandbits(8) for _ in range(size)))
+    where = min(address for _, address, _ in smeared)
+    return Corruption("smeared-regions", where, 0, "random bytes over " + ", ".join(name for name, _, _ in smeared))

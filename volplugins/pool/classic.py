@@ -39,6 +39,8 @@ from .tags import printable_tag
 
 FRAG_TAG = b"Frag"
 FRAG_BLOCKS = 2
+# What chunks of pages taken for pool on their own chain alone say (no region bookkeeping to go by).
+FOUND_BY_VALIDATION = "found by page validation"
 
 
 @dataclass(frozen=True)

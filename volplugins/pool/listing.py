@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from . import freespace, regions
+from . import classic, freespace, regions
 from .filters import ChunkFilter
 from .kernel import Kernel
 from .model import FREED_STATES, Backing, Chunk, State
@@ -17,8 +17,11 @@ _FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
 SUMMARY = "Listed"  # how the listing's closing rows (no Address: counts per state and backing) start
 
 
-def region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
-    """Region name per chunk address (one lookup per page: chunks of a page share their region)."""
+def region_names(kernel: Kernel, chunks: Iterable[Chunk], validated: bool = False) -> dict[int, str]:
+    """Region name per chunk address (one lookup per page: chunks of a page share their region).
+
+    When the scan had to take pages for pool on their own chains (``validated``: no usable region
+    bookkeeping), classic page chunks outside every known region say so instead of naming no region."""
     by_page: dict[int, str] = {}
     names = {}
     page_mask = ~(kernel.page_size - 1)
@@ -26,6 +29,8 @@ def region_names(kernel: Kernel, chunks: Iterable[Chunk]) -> dict[int, str]:
         page = chunk.address & page_mask
         if page not in by_page:
             by_page[page] = regions.classify(kernel, chunk.address).name
+            if validated and by_page[page] == regions.UNKNOWN_KERNEL and chunk.backing is Backing.PAGE:
+                by_page[page] = classic.FOUND_BY_VALIDATION
         names[chunk.address] = by_page[page]
     return names
 

@@ -96,10 +96,17 @@ def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnsw
 
 
 def _classic_answer(kernel: Kernel, address: int, region: regions.RegionAnswer) -> OwnerAnswer:
+    """The chunk of the address's page; outside every known region (no usable region bookkeeping) only a page
+    whose own chain validates is taken for pool, and the answer says so."""
     walk = classic.walk_page(kernel, address, region.pool or "")
+    if region.region is None and not walk.complete:
+        return OwnerAnswer(address, region.name, reason=f"{NOT_POOL}: no known pool region holds this address"
+                                                         " and its page holds no valid chunk chain")
     owner = walk.owner(address)
     reason = "" if owner else "no chunk of this page holds the address (the page's chain is broken before it)"
     caveat = PAST_BREAK if owner is not None and walk.past_break(owner) else ""
+    if region.region is None and owner is not None:
+        caveat = classic.FOUND_BY_VALIDATION
     return OwnerAnswer(address, region.name, walk.chunks, owner, walk.findings, reason=reason, caveat=caveat)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from volatility3.framework import exceptions
 
-from .kernel import Kernel, per_kernel
+from .kernel import PAGE_SIZE, Kernel, per_kernel
 
 # Before Windows 10, x64 session space sits in a fixed PML4 slot (512 GiB at
 # 0xFFFFF900`00000000); no variable records it.
@@ -107,7 +107,16 @@ def _regions(kernel: Kernel) -> tuple[Region, ...]:
         regions = _from_mi_state(kernel) if _has_va_assignments(kernel) else _from_variables(kernel)
     except exceptions.InvalidAddressException:
         regions = []
-    return tuple(sorted(regions, key=lambda region: (region.start, region.end)))
+    usable = [region for region in regions if _usable(region, _va_bits(kernel))]
+    return tuple(sorted(usable, key=lambda region: (region.start, region.end)))
+
+
+def _usable(region: Region, va_bits: int) -> bool:
+    """Bounds a kernel can have: page aligned, inside the kernel half of the address space.  Smeared or
+    half-paged-out bookkeeping gives others; such a region is as good as unknown."""
+    kernel_half = (1 << 64) - (1 << (va_bits - 1))
+    return (kernel_half <= region.start < region.end <= 1 << 64 and region.start % PAGE_SIZE == 0
+            and region.end % PAGE_SIZE == 0)
 
 
 def _has_va_assignments(kernel: Kernel) -> bool:

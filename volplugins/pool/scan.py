@@ -56,6 +56,7 @@ class Coverage:
     lfh_subsegments: int = 0
     whole_ranges: int = 0  # segment page ranges allocated as one block
     classic_pages: int = 0  # pages whose chunk chain covers the page exactly
+    pages_validated: int = 0  # of those, pages taken for pool on their own chain alone (no region bookkeeping)
     pages_not_pool: int = 0  # mapped pool-region pages that hold no chunk chain (other data, big allocations)
     bytes_read: int = 0
     seconds: float = 0.0
@@ -361,9 +362,11 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
     big_starts = np.array([start for start, _ in live], dtype=np.uint64)
     big_reach = np.maximum.accumulate(np.array([end for _, end in live] or [0], dtype=np.uint64))
     spans = _pool_spans(kernel)
+    spans = sorted(spans + _validation_spans(kernel, spans), key=lambda span: span.start)
     total = sum(span.end - span.start for span in spans) or 1
     done = 0
     for span in spans:
+        validating = span.name == classic.FOUND_BY_VALIDATION
         for offset, length, data in _mapped_runs(kernel, span.start, span.end - span.start, coverage):
             report(95.0 * (done + offset - span.start) / total, f"{span.name}: pages at {offset:#x}")
             if data is None:
@@ -374,13 +377,45 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
             page_addresses = offset + np.arange(pages, dtype=np.uint64) * np.uint64(decoder.page_size)
             in_big, starts = _chain_starts(page_addresses, big_starts, big_reach, decoder.page_size)
             batch: list[Chunk | Finding] = []
+            before = coverage.classic_pages
             try:
-                batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, starts, coverage))
+                batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, starts, coverage, validating))
             except _WALK_STOPS:
                 yield batch
                 raise
+            if validating:
+                coverage.pages_validated += coverage.classic_pages - before
             yield batch
         done += span.end - span.start
+
+
+def _validation_spans(kernel: Kernel, known: list[_Span]) -> list[_Span]:
+    """Where pool may be when the region bookkeeping does not name both the nonpaged and the paged pool (its
+    variables paged out, smeared or missing from the symbols): the rest of the kernel half of the address
+    space, less the page tables' own window.  Only mapped pages are read, and only those whose own chain
+    validates are taken for pool."""
+    if {"NonPaged", "Paged"} <= {span.pool for span in known}:
+        return []
+    pieces = [((1 << 64) - (1 << (regions.DEFAULT_VA_BITS - 1)), 1 << 64)]
+    for start, end in [(span.start, span.end) for span in known] + _self_map(kernel):
+        pieces = [part for lo, hi in pieces for part in _subtract(lo, hi, start, end)]
+    return [_Span(lo, hi, "", classic.FOUND_BY_VALIDATION) for lo, hi in pieces]
+
+
+def _self_map(kernel: Kernel) -> list[tuple[int, int]]:
+    """The window where a four-level x64 kernel maps its own page tables: the top-level slot whose entry
+    points back at the top-level table.  None for other layers."""
+    config = kernel.layer.config
+    table, below = config.get("page_map_offset"), config.get("memory_layer")
+    slot_bits = regions.DEFAULT_VA_BITS - 9
+    try:
+        entries = np.frombuffer(kernel.context.layers[below].read(table, 8 * 512), dtype="<u8")
+    except (KeyError, TypeError, exceptions.InvalidAddressException):
+        return []
+    frames = entries & np.uint64(0x000F_FFFF_FFFF_F000)
+    slots = np.flatnonzero((entries & np.uint64(1)).astype(bool) & (frames == np.uint64(table)))
+    top = (1 << 64) - (1 << regions.DEFAULT_VA_BITS)
+    return [(top + (int(slot) << slot_bits), top + ((int(slot) + 1) << slot_bits)) for slot in slots if slot >= 256]
 
 
 def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,
@@ -401,8 +436,9 @@ def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,
 
 
 def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
-                   starts: np.ndarray, coverage: Coverage) -> Iterator[Chunk | Finding]:
-    """The chunks of every page of a block whose chain is complete; findings for pool pages that break.
+                   starts: np.ndarray, coverage: Coverage, validating: bool = False) -> Iterator[Chunk | Finding]:
+    """The chunks of every page of a block whose chain is complete; findings for pool pages that break,
+    unless ``validating`` (pages outside known pool regions, where a broken chain means no pool at all).
 
     A page whose chain neither starts at ``starts`` nor at the page start may be the last page of a big
     allocation the big page table does not describe: its chain is searched for from the page's bytes."""
@@ -420,8 +456,9 @@ def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, 
     coverage.classic_pages += len(tails)
     coverage.pages_not_pool += len(page_offsets) - int(complete.sum()) - len(tails)
     found_tails = {walk.page for walk in tails}
-    broken = [page for page in candidates[~complete].tolist() if base + page * page_size not in found_tails]
-    yield from _broken_pages(data, base, broken, starts, decoder)
+    if not validating:
+        broken = [page for page in candidates[~complete].tolist() if base + page * page_size not in found_tails]
+        yield from _broken_pages(data, base, broken, starts, decoder)
     yield from _classic_chunks(data, headers, where, base, pool, decoder)
     for walk in tails:
         yield from walk.chunks

@@ -105,6 +105,8 @@ _COVERAGE_MEANINGS = {
     "lfh_subsegments": "LFH subsegments walked",
     "whole_ranges": "segment page ranges allocated as one block",
     "classic_pages": "classic pool pages whose chunk chain covers the page exactly",
+    "pages_validated": "of those, pages taken for pool on their own chain alone, with no usable region "
+                       "bookkeeping to go by (their chunks say 'found by page validation')",
     "pages_not_pool": "mapped pages of the pool regions that hold no chunk chain (other data, big allocations)",
     "bytes_read": "bytes read from the image",
     "milliseconds": "time the walk took",
@@ -242,7 +244,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _chunk_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
         result = self._scan(kernel)
-        regions_of = listing.region_names(kernel, result.chunks)
+        regions_of = listing.region_names(kernel, result.chunks, bool(result.coverage.pages_validated))
         self._check_region(wanted, regions_of.values())
         dump = bool(self.config.get("dump"))
         listed: list[Chunk] = []
@@ -310,7 +312,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _free_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
         result = self._scan(kernel)
-        regions_of = listing.region_names(kernel, result.chunks)
+        regions_of = listing.region_names(kernel, result.chunks, bool(result.coverage.pages_validated))
         self._check_region(wanted, regions_of.values())
         absent = renderers.NotApplicableValue()
         for summary, members in listing.free_space(kernel, result.chunks, regions_of, wanted):
@@ -331,7 +333,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
 
     def _carve_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         result = self._scan(kernel)
-        regions_of = listing.region_names(kernel, result.chunks)
+        regions_of = listing.region_names(kernel, result.chunks, bool(result.coverage.pages_validated))
         self._check_region(wanted, regions_of.values())
         searched = dataclasses.replace(wanted, state=None)
         chosen = [chunk for chunk in result.chunks if searched.matches(chunk, regions_of[chunk.address])]

@@ -1,0 +1,132 @@
+"""What real images do that clean samples rarely show: big allocations' last pages, smeared bookkeeping, broken
+chains.
+
+* Windows 8+ classic pool hands the rest of a big allocation's last page back to the pool behind a 'Frag'
+  chunk: those pages start mid-page, and every chunk on them is named exactly.
+* With the pool region bookkeeping smeared, the pages themselves say which are pool: every allocation is
+  still listed and named, marked as found by page validation, and ``--coverage`` counts the pages.
+* A PreviousSize that breaks a page's chain hides nothing after it: owners past the break are named, marked.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from conftest import FLAVORS
+from samples.build import build_image
+from samples.flavors import FLAVORS as FLAVOR_SPECS
+from test_poolcensus import DEFAULTS
+from volplugins.pool import classic, owner
+from volplugins.pool.kernel import Kernel
+from volplugins.pool.tags import tag_text
+from volrun import VolSession
+
+CENSUS = "windows.poolcensus.PoolCensus"
+OWNER = "windows.poolowner.PoolOwner"
+CLASSIC = [flavor for flavor in FLAVORS if not FLAVOR_SPECS[flavor].segment_heap]
+WITH_TAILS = [flavor for flavor in CLASSIC if FLAVOR_SPECS[flavor].big_pool_tails]
+PAGE = 0x1000
+
+
+def _tail_pages(manifest: dict) -> set[int]:
+    return {a["address"] & ~(PAGE - 1) for a in manifest["allocations"] if a["tag"] == "Frag"}
+
+
+def _named(kernel: Kernel, address: int) -> tuple | None:
+    answer = owner.find_owner(kernel, address)
+    found = answer.owner
+    return None if found is None else (found.address, found.size, tag_text(found.tag), found.state.value)
+
+
+@pytest.mark.parametrize("flavor", WITH_TAILS)
+def test_every_chunk_of_a_big_allocations_last_page_is_named(samples, flavor):
+    sample = samples[flavor]
+    tails = _tail_pages(sample.manifest)
+    chunks = [a for a in sample.manifest["allocations"] if a["backing"] == "Page" and a["address"] & ~(PAGE - 1) in tails]
+    assert len(tails) >= 20 and len(chunks) > 2 * len(tails)
+    kernel = sample.kernel
+    wrong = [(hex(a["address"]), _named(kernel, a["address"] + a["size"] - 1)) for a in chunks
+             if _named(kernel, a["address"] + a["size"] - 1) != (a["address"], a["size"], a["tag"], a["state"])]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("flavor", CLASSIC)
+def test_without_region_bookkeeping_pages_are_validated(tmp_path, flavor):
+    built = build_image(flavor, seed=3, size=32 << 20, out_dir=tmp_path, chunks=1500, corrupt=["smeared-regions"])
+    manifest = _manifest(built.manifest_path)
+    session = VolSession(built.image_path, tmp_path / "cache")
+    rows = session.rows(CENSUS, **DEFAULTS)
+    listed = {(r["Address"], r["Size"], r["Tag"], r["State"], r["Backing"]): r for r in rows}
+    for allocation in manifest["allocations"]:
+        row = listed.get((allocation["address"], allocation["size"], allocation["tag"], allocation["state"],
+                          allocation["backing"]))
+        assert row is not None, allocation
+        if allocation["state"] == "Allocated":
+            assert row["Pool"] == allocation["pool"]
+    assert len(rows) == len(manifest["allocations"])
+    validated = {a["address"] & ~(PAGE - 1) for a in manifest["allocations"]
+                 if a["backing"] == "Page" and not _fixed_region(flavor, a)}
+    assert {r["Region"] for r in rows if r["Backing"] == "Page" and r["Address"] & ~(PAGE - 1) in validated} \
+        == {classic.FOUND_BY_VALIDATION}
+    coverage = {r["Measure"]: r["Value"] for r in session.rows(CENSUS, **(DEFAULTS | {"coverage": True}))}
+    assert coverage["pages_validated"] == len(validated)
+    sampled = random.Random(3).sample([a for a in manifest["allocations"] if a["backing"] == "Page"
+                                       and a["address"] & ~(PAGE - 1) in validated], 25)
+    answers = session.rows(OWNER, address=[hex(a["address"] + a["size"] // 2) for a in sampled])
+    starred = [r for r in answers if r["Owner"] == "*"]
+    assert [(r["Chunk"], r["Size"], r["Tag"]) for r in starred] == [(a["address"], a["size"], a["tag"]) for a in sampled]
+    assert all(r["Note"].endswith(classic.FOUND_BY_VALIDATION) for r in starred)
+
+
+def _fixed_region(flavor: str, allocation: dict) -> bool:
+    """Windows 7's session space is architectural, not bookkeeping: smearing leaves it known."""
+    return flavor == "win7-sp1" and allocation["pool"] == "Session"
+
+
+def test_clean_images_need_no_page_validation(samples):
+    for flavor in CLASSIC:
+        rows = samples[flavor].session.rows(CENSUS, **(DEFAULTS | {"coverage": True}))
+        assert {r["Measure"]: r["Value"] for r in rows}["pages_validated"] == 0
+
+
+@pytest.mark.parametrize("flavor", CLASSIC)
+def test_owners_past_a_broken_previous_size_are_named(samples, tmp_path, flavor):
+    sample = samples[flavor]
+    by_page: dict[int, list[dict]] = {}
+    for allocation in sample.manifest["allocations"]:
+        if allocation["backing"] == "Page":
+            by_page.setdefault(allocation["address"] & ~(PAGE - 1), []).append(allocation)
+    page, chunks = next((page, sorted(chunks, key=lambda a: a["address"])) for page, chunks in sorted(by_page.items())
+                        if len(chunks) >= 4 and page not in _tail_pages(sample.manifest))
+    broken, after = chunks[1], chunks[2:]
+    image = tmp_path / "broken.raw"
+    shutil.copyfile(sample.image, image)
+    _patch_previous_size(sample, image, broken["address"], 0x3F if chunks[0]["size"] != 0x3F0 else 0x3E)
+    session = VolSession(image, tmp_path / "cache")
+    answers = session.rows(OWNER, address=[hex(a["address"] + 8) for a in [chunks[0], *after]])
+    starred = [r for r in answers if r["Owner"] == "*"]
+    assert [r["Chunk"] for r in starred] == [a["address"] for a in [chunks[0], *after]]
+    assert not starred[0]["Note"].endswith(owner.PAST_BREAK)
+    assert all(r["Note"].endswith(owner.PAST_BREAK) for r in starred[1:])
+    findings = [r for r in answers if r["Owner"] == "" and r["_depth"] == 2 and "PreviousSize" in r["Note"]]
+    assert {r["Address"] for r in findings} == {broken["address"]}
+
+
+def _patch_previous_size(sample, image: Path, header: int, value: int) -> None:
+    """Overwrite the PreviousSize byte of the pool header at ``header`` in the image file (x64: byte 0)."""
+    kernel = sample.kernel
+    physical = kernel.layer.mapping(header, 1)
+    (_, _, offset, _, _), = list(physical)
+    with open(image, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(struct.pack("<B", value))
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads(path.read_text())

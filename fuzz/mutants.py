@@ -210,8 +210,9 @@ def big_entry(pristine: Pristine, rng: random.Random) -> Mutation | None:
     }[name]
     patch = _patch_field(pristine, address, layout, value)
     reach = _big_reach(pristine, entry["va"], entry["size"])
-    if name == "Va":
-        reach += _big_reach(pristine, canonical(value & ~1), entry["size"])
+    if name == "Va":  # as written, and as a reader that sign-extends it takes it
+        reach += _big_reach(pristine, value & ~1, entry["size"]) + _big_reach(pristine, canonical(value & ~1),
+                                                                             entry["size"])
     if name == "NumberOfBytes":
         reach += _big_reach(pristine, entry["va"], value)
     if patch is None:

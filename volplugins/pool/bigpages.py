@@ -103,7 +103,11 @@ class BigPageTable:
 
 def entry_layout(kernel: Kernel) -> EntryLayout:
     """The ``_POOL_TRACKER_BIG_PAGES`` layout of this kernel, from its ISF."""
-    pool_type = kernel.field_layout(_ENTRY, "PoolType") if kernel.has_field(_ENTRY, "PoolType") else None
+    pool_type = None
+    if kernel.has_field(_ENTRY, "PoolType"):
+        pool_type = kernel.field_layout(_ENTRY, "PoolType")
+    else:
+        kernel.lacks(f"{_ENTRY}.PoolType", "big allocations are given the pool of the region they lie in")
     return EntryLayout(
         size=kernel.type_size(_ENTRY),
         va=kernel.field_layout(_ENTRY, "Va"),
@@ -139,6 +143,7 @@ def read_big_page_table(kernel: Kernel) -> BigPageTable:
     """Read and decode the whole big page table (once per kernel)."""
     for symbol in ("PoolBigPageTable", "PoolBigPageTableSize"):
         if not kernel.has_symbol(symbol):
+            kernel.lacks(symbol, "big allocations (page-sized and larger) are not listed")
             return BigPageTable(findings=(Finding(0, f"kernel symbols lack {symbol}"),))
     try:
         table = kernel.read_pointer(kernel.symbol_address("PoolBigPageTable"))

@@ -218,8 +218,13 @@ def _carver(kernel: Kernel) -> _Carver:
 
 
 def carve_chunk(kernel: Kernel, chunk: Chunk) -> list[CarvedObject]:
-    """Objects whose headers and bodies lie inside ``chunk``'s bytes (any state; callers choose free ones)."""
-    return _carver(kernel).carve(chunk)
+    """Objects whose headers and bodies lie inside ``chunk``'s bytes (any state; callers choose free ones);
+    none, and one warning, when the symbol table lacks what carving needs."""
+    try:
+        return _carver(kernel).carve(chunk)
+    except SYMBOLS_MISSING as error:
+        kernel.lacks(error, "freed objects are not carved")
+        return []
 
 
 def carve(kernel: Kernel, chunks: Iterable[Chunk],

@@ -7,6 +7,7 @@ this wrapper keeps the Volatility 3 calls for that in one place.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -17,8 +18,11 @@ from volatility3.framework.objects import templates
 from . import translate
 
 
+vollog = logging.getLogger(__name__)
+
 PAGE_SIZE = 0x1000  # the small page of x86 and x64: the unit both pool allocators carve
-SYMBOLS_MISSING = (KeyError, AttributeError, exceptions.SymbolError)  # raised when the ISF lacks a type or field
+# What Volatility 3 raises when the ISF lacks a symbol, a type or a member (IndexError: a member a template lacks).
+SYMBOLS_MISSING = (KeyError, AttributeError, IndexError, exceptions.SymbolError)
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,14 @@ class Kernel:
             return self._type(template.vol.type_name)
         return template
 
+    def lacks(self, what: str | BaseException, feature: str) -> None:
+        """Say once per kernel, in one line, that its symbol table lacks ``what`` (a name, or the error a
+        lookup raised) and which ``feature`` goes without it; the rest of the answer stands."""
+        name = what if isinstance(what, str) else missing_name(what)
+        if ("lacks", name) not in self.memo:
+            self.memo[("lacks", name)] = feature
+            vollog.warning("kernel symbols lack %s: %s", name, feature)
+
     def has_field(self, type_name: str, field: str) -> bool:
         try:
             self.field_offset(type_name, field)
@@ -338,3 +350,11 @@ class Kernel:
         # the heap-backed free routine only exists once pool sits on the segment heap.
         return self.has_symbol("ExPoolState") and self.has_symbol("ExFreeHeapPool")
 
+
+def missing_name(error: BaseException) -> str:
+    """The symbol, type or member a :data:`SYMBOLS_MISSING` error is about."""
+    name = getattr(error, "symbol_name", None)
+    if name:
+        return str(name)
+    text = str(error.args[0]) if error.args else str(error)
+    return text.rsplit(": ", 1)[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from volatility3.framework import exceptions
 
-from .kernel import Kernel, per_kernel
+from .kernel import SYMBOLS_MISSING, Kernel, per_kernel
 from .tags import same_tag
 
 # InfoMask bits and the optional header each one adds, in bit order.
@@ -29,6 +29,7 @@ OPTIONAL_HEADER_TYPES = (
     (0x80, "_OBJECT_HEADER_PADDING_INFO"),
 )
 MAX_TYPE_INDEX = 0x100
+NO_OBJECTS = "objects in pool chunks are not identified"
 MAX_NAME_BYTES = 0x1000  # longest name read from a UNICODE_STRING (a full path is far shorter)
 
 
@@ -103,8 +104,17 @@ def identify(kernel: Kernel, data_start: int, data_size: int, tag: bytes) -> Obj
     """The object inside ``[data_start, data_start + data_size)`` (the bytes after the pool header), if any.
 
     A candidate header must declare optional headers that fill the gap back to ``data_start`` exactly, and
-    its type's pool tag (``_OBJECT_TYPE.Key``) must be the chunk's ``tag``.
+    its type's pool tag (``_OBJECT_TYPE.Key``) must be the chunk's ``tag``.  A symbol table without what
+    object headers need costs only this: None, and one warning.
     """
+    try:
+        return _identify(kernel, data_start, data_size, tag)
+    except SYMBOLS_MISSING as error:
+        kernel.lacks(error, NO_OBJECTS)
+        return None
+
+
+def _identify(kernel: Kernel, data_start: int, data_size: int, tag: bytes) -> ObjectInfo | None:
     layout = object_layout(kernel)
     window = min(data_size, 0x100 + layout.header_body_offset)
     data = kernel.read(data_start, window, pad=True)
@@ -188,6 +198,9 @@ def process_name(kernel: Kernel, eprocess: int) -> str:
     """``name pid N`` of the process at ``eprocess`` (empty when it cannot be read)."""
     try:
         name, pid = _process(kernel, eprocess)
-    except (exceptions.InvalidAddressException, AttributeError, UnicodeDecodeError, ValueError):
+    except SYMBOLS_MISSING as error:
+        kernel.lacks(error, NO_OBJECTS)
+        return ""
+    except (exceptions.InvalidAddressException, UnicodeDecodeError, ValueError):
         return ""
     return f"{name} pid {pid}"

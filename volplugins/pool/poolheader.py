@@ -152,7 +152,10 @@ def charged_process(header: PoolHeader, header_address: int, layout: HeaderLayou
 @per_kernel
 def header_layout(kernel: Kernel) -> HeaderLayout:
     """The ``_POOL_HEADER`` layout of this kernel, from its ISF (built once per kernel)."""
-    return HeaderLayout.from_symbols(kernel)
+    layout = HeaderLayout.from_symbols(kernel)
+    if layout.process_billed is None:
+        kernel.lacks("_POOL_HEADER.ProcessBilled", "quota charges are not decoded")
+    return layout
 
 
 @per_kernel

@@ -103,6 +103,8 @@ def kernel_regions(kernel: Kernel) -> list[Region]:
 
 @per_kernel
 def _regions(kernel: Kernel) -> tuple[Region, ...]:
+    if not _has_va_assignments(kernel) and kernel.has_type("_MI_SYSTEM_INFORMATION"):
+        kernel.lacks("MiState", "kernel regions are unknown; pool pages are found by page validation")
     try:
         regions = _from_mi_state(kernel) if _has_va_assignments(kernel) else _from_variables(kernel)
     except exceptions.InvalidAddressException:

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds one plugin run may take before it counts as a hang (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=None, help="keep images and caches here")
     args = parser.parse_args(argv)
-    report = run(args.flavors, args.mutants, args.addresses, args.seed, args.size, args.chunks, args.bound, args.work)
+    report = run(args.flavors, args.mutants, args.addresses, args.seed, args.size, args.chunks, args.bound, args.work,
+                 progress=lambda line: print(line, file=sys.stderr, flush=True))
     for flavor in args.flavors:
         kinds = {kind: count for (name, kind), count in report.mutants.items() if name == flavor}
         print(f"{flavor}: {sum(kinds.values())} mutants ({', '.join(f'{k} {kinds[k]}' for k in KINDS if k in kinds)})")

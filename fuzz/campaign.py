@@ -19,10 +19,12 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from samples.build import build_image
+from volplugins.pool import tags
 
 from .image import Pristine
 from .mutants import Mutation, mutations
@@ -41,6 +43,7 @@ TAGS_DEFAULTS = {"scan": True, "sort": "bytes", "tag": [], "exclude": [], "pool"
 OWNER_DEFAULTS = {"contents": False, "driver-scan": "never", "address-file": None}
 TOP = 1  # tree level of a grid's top rows
 ADDRESS_BATCH = 500
+PROGRESS_EVERY = 50
 PROBES_PER_MUTANT = 12
 KEY_FIELDS = ("address", "size", "tag", "state", "backing", "pool", "region")
 ROW_FIELDS = ("Address", "Size", "Tag", "State", "Backing", "Pool", "Region")
@@ -73,7 +76,13 @@ def _key(allocation: dict) -> tuple:
 
 
 def _row_key(row: dict) -> tuple:
-    return tuple(row[name] for name in ROW_FIELDS)
+    return tuple(_stored_tag(row) if name == "Tag" else row[name] for name in ROW_FIELDS)
+
+
+def _stored_tag(row: dict) -> str:
+    """A row's tag as the manifest writes it: plugins show tags without the protected bit and say it apart."""
+    raw = tags.tag_from_text(row["Tag"])
+    return tags.tag_text(raw[:-1] + bytes([raw[-1] | tags.PROTECTED_TAG_BIT]) if row.get("Protected") else raw)
 
 
 def _touched(allocation: dict, mutation: Mutation) -> bool:
@@ -107,7 +116,7 @@ class Campaign:
                 return self.session.rows(plugin, **options)
         except Hang as hang:
             self._fail("hang", mutation, f"{plugin} {options}: {hang}")
-        except Exception:  # noqa: BLE001 - any exception escaping a plugin is the finding
+        except (Exception, SystemExit):  # noqa: BLE001 - anything escaping a plugin is the finding
             self._fail("traceback", mutation, f"{plugin} {options}:\n{traceback.format_exc(limit=-6)}")
         return None
 
@@ -115,9 +124,11 @@ class Campaign:
         self.report.failures.append(Failure(self.flavor, what, mutation, detail))
 
     # -- mutants ---------------------------------------------------------------------------------------------
-    def mutants(self, count: int) -> None:
+    def mutants(self, count: int, progress: Callable[[str], None] | None = None) -> None:
         for index, mutation in enumerate(mutations(self.pristine, self.seed, count)):
             self.check(mutation, index)
+            if progress is not None and (index + 1) % PROGRESS_EVERY == 0:
+                progress(f"{self.flavor}: {index + 1} of {count} mutants, {len(self.report.failures)} failures")
 
     def check(self, mutation: Mutation, index: int) -> None:
         """Run every plugin on the image with ``mutation`` applied and check the answers."""
@@ -142,7 +153,7 @@ class Campaign:
         if listed is None or mutation.everything:
             return
         self.report.checked_allocations += len(untouched)
-        rows = {_row_key(row) for row in listed if row["_depth"] == TOP}
+        rows = {_row_key(row) for row in listed if row["_depth"] == TOP and row.get("Address") is not None}
         lost = [a for a in untouched if _key(a) not in rows]
         if lost:
             self._fail("lost", label, f"{len(lost)} untouched allocations not listed exactly, e.g. {lost[:3]}")
@@ -194,17 +205,12 @@ class Campaign:
         rows = self._run(OWNER, OWNER_DEFAULTS | {"address": [f"{a:#x}" for a in addresses]}, label)
         if rows is None:
             return
-        answers = [row for row in rows if row["_depth"] == TOP]
-        if len(answers) != len(addresses):
-            self._fail("owner", label, f"{len(answers)} answers for {len(addresses)} addresses")
+        unanswered = set(addresses) - {row["Address"] for row in rows}
+        if unanswered:
+            self._fail("owner", label, f"{len(unanswered)} of {len(addresses)} addresses got no answer")
             return
-        starred = {}
-        current = None
-        for row in rows:
-            if row["_depth"] == TOP:
-                current = row["Address"]
-            elif row["Owner"] == "*":
-                starred[current] = (row["Chunk"], row["Size"], row["Tag"], row["State"])
+        starred = {row["Address"]: (row["Chunk"], row["Size"], _stored_tag(row), row["State"])
+                   for row in rows if row["Owner"] == "*"}
         for address, allocation in probes.items():
             want = (allocation["address"], allocation["size"], allocation["tag"], allocation["state"])
             if starred.get(address) != want:
@@ -221,8 +227,10 @@ def _damaged(raw: bytes, mutation: Mutation) -> bytearray | bytes:
 
 
 def run(flavors: list[str], mutants: int, addresses: int, seed: int = 1, size: int = 32 << 20,
-        chunks: int = 1500, bound: float = 60.0, work: Path | None = None) -> Report:
-    """A whole campaign; images and Volatility's cache go under ``work`` (a temporary directory by default)."""
+        chunks: int = 1500, bound: float = 60.0, work: Path | None = None,
+        progress: Callable[[str], None] | None = None) -> Report:
+    """A whole campaign; images and Volatility's cache go under ``work`` (a temporary directory by default);
+    ``progress`` is told how far each flavor's mutants got."""
     report = Report()
     started = time.perf_counter()
     quiet = [logging.getLogger(name) for name in ("volatility3", "volplugins")]
@@ -239,7 +247,7 @@ def run(flavors: list[str], mutants: int, addresses: int, seed: int = 1, size: i
                 pristine = Pristine(built.image_path, built.manifest_path)
                 campaign = Campaign(pristine, Session(built.image_path, cache), report, seed, bound)
                 campaign.addresses(addresses)
-                campaign.mutants(mutants)
+                campaign.mutants(mutants, progress)
         finally:
             for logger, level in zip(quiet, levels):
                 logger.setLevel(level)

@@ -85,20 +85,22 @@ class Session(runner.VolSession):
         self.construct(FIRST_PLUGIN)
         self._file = next(name for name in self.context.layers
                           if isinstance(self.context.layers[name], physical.FileLayer))
-        self._above = [(name, self.context.layers[name]) for name in self.context.layers
-                       if self._file in self.context.layers[name].dependencies]
+        # Each layer above the file, with what it publishes flattened once: passing a layer's own (chained)
+        # metadata to its successor would nest one more level on every load.
+        self._above = [(name, self.context.layers[name], dict(self.context.layers[name].metadata))
+                       for name in self.context.layers if self._file in self.context.layers[name].dependencies]
 
     def load(self, data: bytes | bytearray) -> None:
         """Serve ``data`` as the image from now on, with fresh translation layers above it."""
         layers = self.context.layers
-        for name, _ in self._above:
+        for name, _, _ in self._above:
             layers.del_layer(name)
         file_config = layers[self._file].config_path
         layers.del_layer(self._file)
         layers.add_layer(ImageBuffer(self.context, file_config, self._file, data))
-        self._above = [(name, type(layer)(self.context, layer.config_path, name, metadata=layer.metadata))
-                       for name, layer in self._above]
-        for _, layer in self._above:
+        self._above = [(name, type(layer)(self.context, layer.config_path, name, metadata=metadata), metadata)
+                       for name, layer, metadata in self._above]
+        for _, layer, _ in self._above:
             layers.add_layer(layer)
         _forget_library_memos()
 

@@ -57,15 +57,15 @@ def _module_without(sample, tmp_path, kind: str, name: str) -> str:
 
 def _pool_answers(session, kernel_module: str | None, probes: list[int]) -> dict:
     options = {} if kernel_module is None else {"kernel": kernel_module}
-    census = session.rows(CENSUS, **(DEFAULTS | options))
+    census = [r for r in session.rows(CENSUS, **(DEFAULTS | options)) if r["Address"] is not None]
     owners = session.rows(OWNER, **(options | {"address": [hex(address) for address in probes]}))
     tags = session.rows(TAGS, **options)
     session.rows(DRIVERS, **options)
     session.rows(CENSUS, **(DEFAULTS | options | {"carve": True}))
     return {
-        "chunks": Counter((r["Address"], r["Size"], r["Tag"], r["State"], r["Backing"],
+        "chunks": Counter((r["Address"], r["Size"], r["Tag"], r["Protected"], r["State"], r["Backing"],
                            r["Pool"] if r["State"] == "Allocated" else None) for r in census),
-        "owners": [(r["Chunk"], r["Size"], r["Tag"], r["State"]) for r in owners if r["Owner"] == "*"],
+        "owners": [(r["Address"], r["Chunk"], r["Size"], r["Tag"], r["State"]) for r in owners if r["Owner"] == "*"],
         "tags": sorted((r["Tag"], r["Type"], r["Allocs"], r["Frees"], r["Bytes"]) for r in tags),
     }
 
@@ -76,7 +76,7 @@ def test_each_missing_name_costs_only_its_feature(samples, tmp_path, caplog, fla
     rng = random.Random(5)
     probes = [a["address"] + a["size"] // 2 for a in rng.sample(sample.manifest["allocations"], PROBES)]
     whole = _pool_answers(sample.session, None, probes)
-    big = {key for key in whole["chunks"] if key[4] in ("Big", "Large")}
+    big = {key for key in whole["chunks"] if key[5] in ("Big", "Large")}
     for index, (kind, name) in enumerate(REMOVALS):
         caplog.clear()
         module = _module_without(sample, tmp_path / str(index), kind, name)
@@ -90,8 +90,8 @@ def test_each_missing_name_costs_only_its_feature(samples, tmp_path, caplog, fla
             partial["chunks"] = Counter({key: count for key, count in partial["chunks"].items()
                                          if key[0] not in {address for address, *_ in big}})
         if name == "MiState":  # free chunks' pool comes from their region, unknown now
-            partial["chunks"] = Counter({key[:5]: count for key, count in partial["chunks"].items()})
-            expected = Counter({key[:5]: count for key, count in expected.items()})
+            partial["chunks"] = Counter({key[:6]: count for key, count in partial["chunks"].items()})
+            expected = Counter({key[:6]: count for key, count in expected.items()})
         assert partial["chunks"] == expected, name
         assert partial["tags"] == whole["tags"], name
         if name != "PoolBigPageTable":

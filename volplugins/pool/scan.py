@@ -404,7 +404,7 @@ def _validation_spans(kernel: Kernel, known: list[_Span]) -> list[_Span]:
 
 def _self_map(kernel: Kernel) -> list[tuple[int, int]]:
     """The window where a four-level x64 kernel maps its own page tables: the top-level slot whose entry
-    points back at the top-level table.  None for other layers."""
+    points back at the top-level table; nothing for other layers."""
     config = kernel.layer.config
     table, below = config.get("page_map_offset"), config.get("memory_layer")
     slot_bits = regions.DEFAULT_VA_BITS - 9

@@ -32,6 +32,7 @@ OWNER = "windows.poolowner.PoolOwner"
 CLASSIC = [flavor for flavor in FLAVORS if not FLAVOR_SPECS[flavor].segment_heap]
 WITH_TAILS = [flavor for flavor in CLASSIC if FLAVOR_SPECS[flavor].big_pool_tails]
 PAGE = 0x1000
+WINDOWS_10 = 10240  # the first Windows 10 build
 
 
 def _tail_pages(manifest: dict) -> set[int]:
@@ -86,8 +87,8 @@ def test_without_region_bookkeeping_pages_are_validated(tmp_path, flavor):
 
 
 def _fixed_region(flavor: str, allocation: dict) -> bool:
-    """Windows 7's session space is architectural, not bookkeeping: smearing leaves it known."""
-    return flavor == "win7-sp1" and allocation["pool"] == "Session"
+    """Session space before Windows 10 is architectural, not bookkeeping: smearing leaves it known."""
+    return FLAVOR_SPECS[flavor].build < WINDOWS_10 and allocation["pool"] == "Session"
 
 
 def test_clean_images_need_no_page_validation(samples):

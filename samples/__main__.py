@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .bugchecks import BugCheckRequest, check_flavor, parse_bugcheck
 from .build import build_image
+from .crashdump import KINDS as DUMP_KINDS
 from .corruption import KINDS, parse_kinds
 from .flavors import FLAVORS
 from .snapshots import Leak, parse_leak
@@ -41,6 +43,13 @@ def corrupt_argument(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def bugcheck_argument(text: str) -> BugCheckRequest:
+    try:
+        return parse_bugcheck(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m samples",
@@ -61,12 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corrupt", type=corrupt_argument, default=[], metavar="KIND[,KIND...]",
                         help="damage chunks after the build, recorded in the manifest: "
                              f"{', '.join(KINDS)} (bad-vs-header needs a segment heap flavor)")
+    parser.add_argument("--crash-dump", choices=DUMP_KINDS, default=None,
+                        help="also write the image as a 64-bit crash dump <name>.dmp: full (complete memory dump, "
+                             "physical memory runs) or kernel (kernel memory dump, page bitmap)")
+    parser.add_argument("--bugcheck", type=bugcheck_argument, default=None, metavar="CODE[:P1[:P2[:P3[:P4]]]]",
+                        help="the system stopped with this bug check (hex; '-' or nothing for a parameter the damage "
+                             "decides): plant the damage the code describes (0x19, 0xC1, 0xC2, 0xC5, 0xCD, 0xD5, "
+                             "0xD6, 0x13A), record it in KiBugCheckData and the manifest; implies --crash-dump full")
     args = parser.parse_args(argv)
     if "bad-vs-header" in args.corrupt and not FLAVORS[args.flavor].segment_heap:
         parser.error(f"--corrupt bad-vs-header needs a segment heap flavor; {args.flavor} has classic pool")
+    if args.bugcheck:
+        try:
+            check_flavor(args.bugcheck, FLAVORS[args.flavor].segment_heap)
+        except ValueError as error:
+            parser.error(str(error))
+    crash_dump = args.crash_dump or ("full" if args.bugcheck else None)
     result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks, leaks=args.leak,
-                         corrupt=args.corrupt)
+                         corrupt=args.corrupt, bugcheck=args.bugcheck, crash_dump=crash_dump)
     print(f"image    {result.image_path}")
+    if result.dump_path:
+        print(f"dump     {result.dump_path}")
     print(f"manifest {result.manifest_path}")
     print(f"built in {result.seconds:.2f}s: {result.allocations} allocations, {result.frames_used} pages mapped",
           file=sys.stderr)

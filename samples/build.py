@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import corruption, snapshots
+from . import bugchecks, corruption, crashdump, snapshots
 from .classic import ClassicPools
 from .drivers import write_modules
 from .flavors import FLAVORS, Flavor
@@ -68,6 +68,7 @@ class BuildResult:
     seconds: float
     frames_used: int
     allocations: int
+    dump_path: Path | None = None
 
 
 def default_chunks(size: int) -> int:
@@ -75,14 +76,19 @@ def default_chunks(size: int) -> int:
 
 
 def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunks: int | None = None,
-                leaks: Sequence[Leak] = (), corrupt: Sequence[str] = ()) -> BuildResult:
+                leaks: Sequence[Leak] = (), corrupt: Sequence[str] = (),
+                bugcheck: bugchecks.BugCheckRequest | None = None, crash_dump: str | None = None) -> BuildResult:
     """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``.
 
     ``flavor`` is a flavor's name or a :class:`Flavor` (such as a build no flavor models, see unseen.py).
 
     ``leaks`` makes a later snapshot of the same system with those allocations added (see snapshots.py),
     saved as ``<flavor>-seed<seed>-leak-<tag>-<count>.raw``.  ``corrupt`` damages chunks after the build
-    (kinds of corruption.py, recorded in the manifest), saved as ``...-corrupt-<kind>-<kind>.raw``."""
+    (kinds of corruption.py, recorded in the manifest), saved as ``...-corrupt-<kind>-<kind>.raw``.
+    ``bugcheck`` plants the damage of a bug check and records it in memory and manifest (bugchecks.py),
+    saved as ``...-bugcheck-<code>.raw``; ``crash_dump`` (full or kernel) also writes the image as the
+    crash dump ``<stem>.dmp`` (crashdump.py), of a manually initiated crash unless ``bugcheck`` says.
+    """
     started = time.perf_counter()
     image = Image(FLAVORS[flavor] if isinstance(flavor, str) else flavor, seed, size)
     build_kernel(image)
@@ -99,11 +105,20 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
         writer.write_driver(driver["service"], driver["base"], driver["size"])
     _populate(image, pools, chunks or default_chunks(size), [process.body for process in processes])
     leaked = snapshots.leak(image, pools, writer.nonpaged, leaks)
+    crash = bugchecks.Crash(image, bugcheck or bugchecks.MANUAL_CRASH) if bugcheck or crash_dump else None
+    if crash:
+        crash.allocate(pools, writer.nonpaged)
     pools.finish()
     snapshots.track(tables, image.manifest, leaked, image.rng)
     tables.write(image)
     corruption.corrupt(image, corrupt)
-    return _save(image, out_dir, started, snapshots.file_suffix(leaks) + corruption.file_suffix(corrupt))
+    stem = _stem(image, snapshots.file_suffix(leaks) + corruption.file_suffix(corrupt) + bugchecks.file_suffix(bugcheck))
+    dump_path = None
+    if crash:
+        record = crash.damage()
+        if crash_dump:
+            dump_path = _write_dump(image, out_dir, stem, crash_dump, record)
+    return _save(image, out_dir, started, stem, dump_path)
 
 
 def _map_resident_kernel_data(image: Image) -> None:
@@ -165,12 +180,22 @@ def _pool_for(image: Image, profile: TagProfile) -> str:
     return profile.pool
 
 
-def _save(image: Image, out_dir: Path, started: float, suffix: str = "") -> BuildResult:
+def _stem(image: Image, suffix: str) -> str:
+    return f"{image.flavor.name}-seed{image.seed}{suffix}"
+
+
+def _write_dump(image: Image, out_dir: Path, stem: str, kind: str, record: crashdump.BugCheckRecord) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{image.flavor.name}-seed{image.seed}{suffix}"
+    path = crashdump.write_crash_dump(image, out_dir / f"{stem}.dmp", kind, record)
+    image.manifest.extras["crash_dump"] = {"kind": kind, "file": path.name}
+    return path
+
+
+def _save(image: Image, out_dir: Path, started: float, stem: str, dump_path: Path | None = None) -> BuildResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
     image_path = out_dir / f"{stem}.raw"
     manifest_path = out_dir / f"{stem}.json"
     image.space.save(image_path)
     manifest_path.write_text(image.manifest.to_json())
     return BuildResult(image_path, manifest_path, time.perf_counter() - started, image.space.frames_used,
-                       len(image.manifest.allocations))
+                       len(image.manifest.allocations), dump_path)

@@ -118,30 +118,39 @@ class _Chooser:
             and not a.pool_type & CACHE_ALIGNED_OR_QUOTA and a.address not in self.objects
         ]
 
-    def vs_header_after(self, allocation: Allocation) -> int | None:
-        """The VS chunk header right after an allocated VS chunk, when an allocated chunk follows it."""
+    def header_after(self, allocation: Allocation) -> int | None:
+        """The header right after a chunk: the next ``_POOL_HEADER`` of its page (classic), or the next VS
+        chunk header when an allocated VS chunk follows (segment heap); None at a page's or subsegment's end."""
         end = allocation.address + allocation.size
+        if not self.image.flavor.segment_heap:
+            return end if end % PAGE and end in self.by_address else None
         following = self.by_address.get(end + VS_HEADER)
         if following is None or following.backing != "VS" or following.state != "Allocated":
             return None
         return end
 
 
-def _overflow(chooser: _Chooser) -> Corruption:
+def overflow_from(image: Image, among: Sequence[Allocation]) -> Corruption:
+    """An overflow (as ``overflow`` does it) out of one of ``among``, recorded like the other kinds."""
+    chooser = _Chooser(image, random.Random(image.seed))
+    done = _overflow(chooser, {id(allocation) for allocation in among})
+    image.manifest.extras.setdefault("corruptions", []).append(asdict(done))
+    return done
+
+
+def header_after(image: Image, allocations: Sequence[Allocation]) -> list[tuple[Allocation, int]]:
+    """Those of ``allocations`` another chunk follows, each with the header right after it."""
+    chooser = _Chooser(image, random.Random(image.seed))
+    pairs = [(a, chooser.header_after(a)) for a in allocations]
+    return [(a, header) for a, header in pairs if header is not None]
+
+
+def _overflow(chooser: _Chooser, among: set[int] | None = None) -> Corruption:
     image = chooser.image
-    if image.flavor.segment_heap:
-        candidates = [a for a in chooser.small_allocated() if chooser.vs_header_after(a) is not None]
-        source = chooser.pick(candidates)
-        victim = chooser.vs_header_after(source)
-        what = "VS chunk header"
-    else:
-        candidates = [
-            a for a in chooser.small_allocated()
-            if (a.address + a.size) % PAGE and (a.address + a.size) in chooser.by_address
-        ]
-        source = chooser.pick(candidates)
-        victim = source.address + source.size
-        what = "pool header"
+    candidates = [a for a in chooser.small_allocated() if among is None or id(a) in among]
+    source = chooser.pick([a for a in candidates if chooser.header_after(a) is not None])
+    victim = chooser.header_after(source)
+    what = "VS chunk header" if image.flavor.segment_heap else "pool header"
     spill = len(OVERFLOW_BYTES) - VS_HEADER
     image.space.write(victim - spill, OVERFLOW_BYTES)
     return Corruption("overflow", victim, source.address,

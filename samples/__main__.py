@@ -11,6 +11,7 @@ from .build import build_image
 from .crashdump import KINDS as DUMP_KINDS
 from .corruption import KINDS, parse_kinds
 from .flavors import FLAVORS
+from .poolfill import Fill, parse_fill
 from .snapshots import Leak, parse_leak
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -50,6 +51,13 @@ def bugcheck_argument(text: str) -> BugCheckRequest:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def fill_argument(text: str) -> Fill:
+    try:
+        return parse_fill(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m samples",
@@ -77,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the system stopped with this bug check (hex; '-' or nothing for a parameter the damage "
                              "decides): plant the damage the code describes (0x19, 0xC1, 0xC2, 0xC5, 0xCD, 0xD5, "
                              "0xD6, 0x13A), record it in KiBugCheckData and the manifest; implies --crash-dump full")
+    parser.add_argument("--fill-pool", type=fill_argument, default=None, metavar="POOL:TAG[:PERCENT]",
+                        help="a driver exhausted POOL (NonPaged or Paged): TAG's allocations fill it to PERCENT "
+                             "(default 95) of the limit the kernel enforces, e.g. NonPaged:NfkR:95")
     args = parser.parse_args(argv)
     if "bad-vs-header" in args.corrupt and not FLAVORS[args.flavor].segment_heap:
         parser.error(f"--corrupt bad-vs-header needs a segment heap flavor; {args.flavor} has classic pool")
@@ -86,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
     crash_dump = args.crash_dump or ("full" if args.bugcheck else None)
-    result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks, leaks=args.leak,
-                         corrupt=args.corrupt, bugcheck=args.bugcheck, crash_dump=crash_dump)
+    try:
+        result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks, leaks=args.leak,
+                             corrupt=args.corrupt, bugcheck=args.bugcheck, crash_dump=crash_dump, fill=args.fill_pool)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"image    {result.image_path}")
     if result.dump_path:
         print(f"dump     {result.dump_path}")

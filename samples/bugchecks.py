@@ -17,7 +17,10 @@ first tag is the suspect) owns the chunks involved:
   or touched it again;
 * beyond (0xD6 DRIVER_PAGE_FAULT_BEYOND_END_OF_ALLOCATION, 0xCD
   PAGE_FAULT_BEYOND_END_OF_ALLOCATION): the driver read the first byte past
-  one of its chunks.
+  one of its chunks;
+* exhausted (0x41 MUST_SUCCEED_POOL_EMPTY): the driver's allocations fill
+  nonpaged pool to 99 % of its limit (as ``--fill-pool`` does) and the next
+  request failed.
 
 Parameters follow the codes' documented meaning (``!analyze`` prints the
 same): entry addresses, the heap, the faulting address, the code address
@@ -34,14 +37,14 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import corruption, segheap
+from . import corruption, poolfill, segheap
 from .crashdump import BugCheckRecord
 from .image import Image
 from .manifest import Allocation
 
-OVERRUN, FREED, BEYOND, OTHER = "overrun", "freed", "beyond", "other"
+OVERRUN, FREED, BEYOND, EXHAUSTED, OTHER = "overrun", "freed", "beyond", "exhausted", "other"
 # code -> (family, default P1 subcode or None, accepted subcodes)
 CODES: dict[int, tuple[str, int | None, tuple[int, ...]]] = {
     0x19: (OVERRUN, 0x20, (0x20, 0x5)),
@@ -52,6 +55,7 @@ CODES: dict[int, tuple[str, int | None, tuple[int, ...]]] = {
     0xD5: (FREED, None, ()),
     0xD6: (BEYOND, None, ()),
     0xCD: (BEYOND, None, ()),
+    0x41: (EXHAUSTED, None, ()),
 }
 SEGMENT_HEAP_ONLY = (0x13A,)
 MANUALLY_INITIATED_CRASH = 0xE2
@@ -62,6 +66,7 @@ OVERRUN_REQUEST = 0x2F0  # bytes: a VS block on the segment heap (above the LFH 
 OVERRUN_CHUNKS = 8
 FREED_REQUEST = 0x70  # bytes: an LFH block once its bucket is active
 FREED_LIVE = 20  # live chunks of the freed size first, so the segment heap serves that size from the LFH
+EXHAUSTED_PERCENT = 99  # of the nonpaged pool limit the driver's allocations fill before the failed request
 CODE_OFFSET = 0x1042  # where in the driver's (or kernel's) first code page the faulting instruction is
 POINTER = 8  # KiBugCheckData holds the code and four parameters as ULONG_PTR
 _SPEC = re.compile(r"^(?:0x)?([0-9a-fA-F]+)((?::(?:(?:0x)?[0-9a-fA-F]+|-)?){0,4})$")
@@ -81,10 +86,10 @@ def parse_bugcheck(text: str) -> BugCheckRequest:
     match = _SPEC.match(text.strip())
     if match is None:
         raise ValueError(f"not a bug check: {text!r} (expected CODE[:P1[:P2[:P3[:P4]]]] in hex, e.g. 0x19:0x20)")
-    given = [part for part in match[2].split(":")[1:]]
+    given = match[2].split(":")[1:]
     values = [int(part, 16) if part not in ("", "-") else None for part in given] + [None] * (4 - len(given))
     request = BugCheckRequest(int(match[1], 16), tuple(values))
-    family, _, subcodes = CODES.get(request.code, (OTHER, None, ()))
+    subcodes = CODES.get(request.code, (OTHER, None, ()))[2]
     if subcodes and request.parameters[0] is not None and request.parameters[0] not in subcodes:
         raise ValueError(f"bug check {request.code:#x}: subcode {request.parameters[0]:#x} is not planted; "
                          f"choose from {', '.join(hex(code) for code in subcodes)}")
@@ -119,7 +124,9 @@ class Crash:
             return
         saved, pools.rng = pools.rng, random.Random(f"{self.image.seed}:bugcheck")
         try:
-            if self.family == FREED:
+            if self.family == EXHAUSTED:
+                poolfill.fill(self.image, pools, poolfill.Fill("NonPaged", self.tag, EXHAUSTED_PERCENT))
+            elif self.family == FREED:
                 for _ in range(FREED_LIVE):
                     pools.allocate(FREED_REQUEST, self.tag, pool)
                 self.chunks = [pools.allocate(FREED_REQUEST, self.tag, pool, state="Free")]
@@ -132,8 +139,8 @@ class Crash:
 
     def damage(self) -> BugCheckRecord:
         """Damage the finished image, write ``KiBugCheckData`` and the manifest record."""
-        planters = {OVERRUN: self._overrun, FREED: self._freed, BEYOND: self._beyond}
-        planted = planters[self.family]() if self.family in planters and self.chunks else _Planted({})
+        planters = {OVERRUN: self._overrun, FREED: self._freed, BEYOND: self._beyond, EXHAUSTED: self._exhausted}
+        planted = planters[self.family]() if self.family in planters and self.driver else _Planted({})
         defaults = self._defaults()
         parameters = tuple(
             given if given is not None else planted.parameters.get(index, defaults.get(index, 0))
@@ -147,7 +154,7 @@ class Crash:
             "family": self.family,
             "owners": {f"P{index}": owner for index, owner in planted.owners.items()},
             "damaged": planted.damaged,
-            "suspect": planted.suspect_record(self.driver),
+            "suspect": planted.suspect_record(self.tag, self.driver),
         }
         return record
 
@@ -167,8 +174,7 @@ class Crash:
         victim = done.address
         code, subcode = self.request.code, self._subcode()
         if code == 0x19:
-            where = {2: source.address, 3: victim} if subcode == 0x20 else {2: source.address, 4: victim}
-            parameters = where
+            parameters = {2: source.address, 3: victim} if subcode == 0x20 else {2: source.address, 4: victim}
         elif code == 0xC1:
             parameters = {1: source.body, 3: victim, 4: SPECIAL_POOL_OVERRUN}
         elif code == 0x13A:
@@ -181,12 +187,12 @@ class Crash:
 
     def _freed(self) -> _Planted:
         freed = self.chunks[0]
-        header = self.image.space.read(freed.address, 8)
         body = freed.address + self.image.types.size("_POOL_HEADER")
         if self.request.code == 0xC2:
             tag_offset = self.image.types.offset("_POOL_HEADER", "PoolTag")
             header_tag = int.from_bytes(self.image.space.read(freed.address + tag_offset, 4), "little")
-            parameters = {2: header_tag, 3: int.from_bytes(header[:4], "little"), 4: body}
+            header = int.from_bytes(self.image.space.read(freed.address, 4), "little")
+            parameters = {2: header_tag, 3: header, 4: body}
             owners = {4: freed.address}
         else:
             parameters = {1: body + 0x10, 2: WRITE, 3: self._code_address()}
@@ -198,6 +204,15 @@ class Crash:
         parameters = {1: after, 2: READ, 3: self._code_address()}
         return _Planted(parameters, {}, None, source, f"read past its end at {after:#x}")
 
+    def _exhausted(self) -> _Planted:
+        filled = self.image.manifest.extras["pool_fill"]
+        large = sum(1 for a in self.image.manifest.allocations if a.state == "Allocated" and a.size > poolfill.PAGE
+                    and poolfill.TRACKER_POOLS.get(a.pool) == filled["tracker_pool"])
+        parameters = {1: poolfill.FILL_REQUEST, 2: filled["live_bytes"] // poolfill.PAGE, 3: large,
+                      4: max(0, filled["limit"] - filled["live_bytes"]) // poolfill.PAGE}
+        return _Planted(parameters, how=f"filled nonpaged pool to {filled['live_bytes'] * 100 // filled['limit']}% "
+                                        "of its limit", blamed=True)
+
     def _write_bugcheck_data(self, record: BugCheckRecord) -> None:
         if not self.image.types.has_symbol("KiBugCheckData"):
             return
@@ -208,16 +223,15 @@ class Crash:
 @dataclass
 class _Planted:
     parameters: dict[int, int]
-    owners: dict[int, int] | None = None  # parameter index -> address of the chunk (manifest) it lies in
+    owners: dict[int, int] = field(default_factory=dict)  # parameter index -> the chunk (manifest) it lies in
     damaged: int | None = None  # the neighbouring header the damage hit
     suspect: Allocation | None = None
     how: str = ""
+    blamed: bool = False  # the driver's tag as a whole is the suspect, no one chunk
 
-    def __post_init__(self) -> None:
-        self.owners = self.owners or {}
-
-    def suspect_record(self, driver: dict | None) -> dict | None:
-        if self.suspect is None:
+    def suspect_record(self, tag: bytes, driver: dict | None) -> dict | None:
+        if self.suspect is None and not self.blamed:
             return None
-        return {"allocation": self.suspect.address, "tag": self.suspect.tag,
+        return {"allocation": self.suspect.address if self.suspect else None,
+                "tag": self.suspect.tag if self.suspect else tag.decode("latin-1"),
                 "driver": driver["name"] if driver else "", "how": self.how}

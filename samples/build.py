@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import bugchecks, corruption, crashdump, snapshots
+from . import bugchecks, corruption, crashdump, poolfill, snapshots
 from .classic import ClassicPools
 from .drivers import write_modules
 from .flavors import FLAVORS, Flavor
@@ -77,7 +77,8 @@ def default_chunks(size: int) -> int:
 
 def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunks: int | None = None,
                 leaks: Sequence[Leak] = (), corrupt: Sequence[str] = (),
-                bugcheck: bugchecks.BugCheckRequest | None = None, crash_dump: str | None = None) -> BuildResult:
+                bugcheck: bugchecks.BugCheckRequest | None = None, crash_dump: str | None = None,
+                fill: poolfill.Fill | None = None) -> BuildResult:
     """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``.
 
     ``flavor`` is a flavor's name or a :class:`Flavor` (such as a build no flavor models, see unseen.py).
@@ -88,11 +89,13 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
     ``bugcheck`` plants the damage of a bug check and records it in memory and manifest (bugchecks.py),
     saved as ``...-bugcheck-<code>.raw``; ``crash_dump`` (full or kernel) also writes the image as the
     crash dump ``<stem>.dmp`` (crashdump.py), of a manually initiated crash unless ``bugcheck`` says.
+    ``fill`` fills a pool close to its limit with one tag (poolfill.py), saved as ``...-fill-<pool>-<percent>``.
     """
     started = time.perf_counter()
     image = Image(FLAVORS[flavor] if isinstance(flavor, str) else flavor, seed, size)
     build_kernel(image)
     write_regions(image)
+    poolfill.write_limits(image)
     tables = PoolTables(processors=2)
     _map_resident_kernel_data(image)
     pools = SegmentHeapPools(image, tables) if image.flavor.segment_heap else ClassicPools(image, tables)
@@ -105,6 +108,8 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
         writer.write_driver(driver["service"], driver["base"], driver["size"])
     _populate(image, pools, chunks or default_chunks(size), [process.body for process in processes])
     leaked = snapshots.leak(image, pools, writer.nonpaged, leaks)
+    if fill:
+        poolfill.fill(image, pools, fill)
     crash = bugchecks.Crash(image, bugcheck or bugchecks.MANUAL_CRASH) if bugcheck or crash_dump else None
     if crash:
         crash.allocate(pools, writer.nonpaged)
@@ -112,7 +117,8 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
     snapshots.track(tables, image.manifest, leaked, image.rng)
     tables.write(image)
     corruption.corrupt(image, corrupt)
-    stem = _stem(image, snapshots.file_suffix(leaks) + corruption.file_suffix(corrupt) + bugchecks.file_suffix(bugcheck))
+    suffix = snapshots.file_suffix(leaks) + poolfill.file_suffix(fill) + corruption.file_suffix(corrupt)
+    stem = _stem(image, suffix + bugchecks.file_suffix(bugcheck))
     dump_path = None
     if crash:
         record = crash.damage()

@@ -16,7 +16,7 @@ CRASH_CHUNKS = 1500
 # compared plugin by plugin with its raw image (a complete dump for classic, a kernel dump for segment heap).
 CRASHES = {
     "win7-sp1": (("19", "full"), ("c2", "full"), ("d6", "full"), ("c5", "full")),
-    "win10-19041": (("13a", "kernel"), ("d5", "full"), ("cd", "full"), ("c1", "full")),
+    "win10-19041": (("13a", "kernel"), ("d5", "full"), ("cd", "full"), ("c1", "full"), ("41", "full")),
 }
 SOURCES = ("crash dump header", "KiBugCheckData")
 
@@ -77,7 +77,7 @@ def test_planted_bugcheck_through_the_command_line(crashes, flavor, code):
             if value == planted["damaged"]:  # the chunk before the damaged header is the one that overran
                 (previous,) = rows_of(rows, f"P{parameter} pool", "Previous")
                 assert previous["Chunk"] == planted["suspect"]["allocation"]
-    (suspect,) = rows_of(rows, "Suspect", "Chunk")
+    (suspect,) = rows_of(rows, "Suspect", "Chunk" if planted["suspect"]["allocation"] else "Tag")
     assert suspect["Chunk"] == planted["suspect"]["allocation"]
     assert suspect["Tag"] == planted["suspect"]["tag"]
     assert suspect["Binary"] == planted["suspect"]["driver"]
@@ -99,6 +99,8 @@ def _answers(session: VolSession, manifest: dict, bugcheck: dict) -> dict[str, l
         "pooltags": session.rows("windows.pooltags.PoolTags"),
         "poolcensus": session.rows("windows.poolcensus.PoolCensus"),
         "poolcensus --validate": session.rows("windows.poolcensus.PoolCensus", validate=True),
+        "poolcensus --bigpages": session.rows("windows.poolcensus.PoolCensus", bigpages=True),
+        "poolusage": session.rows("windows.poolusage.PoolUsage"),
         "pooldrivers": session.rows("windows.pooldrivers.PoolDrivers"),
         "poolcrash": session.rows("windows.poolcrash.PoolCrash"),
     }
@@ -140,3 +142,16 @@ def test_bugcheck_option_refuses_what_it_cannot_plant():
     with pytest.raises(ValueError, match="segment heap flavor"):
         check_flavor(parse_bugcheck("13a"), segment_heap=False)
     assert parse_bugcheck("C2:7:-::0x10").parameters == (7, None, None, 0x10)
+
+
+def test_empty_pool_shows_the_pools_against_their_limits(crashes):
+    crashed = crashes["win10-19041", "41"]
+    rows = crashed.rows()
+    filled = crashed.manifest["extras"]["pool_fill"]
+    (nonpaged,) = rows_of(rows, "Pool usage", "Nonp")
+    assert nonpaged["Value"] == sum(row["bytes"] for row in crashed.manifest["tracker"]
+                                    if row["pool"] == "Nonp" and row["bytes"] > 0)
+    assert nonpaged["Note"].startswith(f"{100 * nonpaged['Value'] / filled['limit']:.1f}% of the limit {filled['limit']:#x}")
+    assert nonpaged["Note"].endswith("above 90% of its limit")
+    top = rows_of(rows, "Pool usage", "Nonp tag")[0]
+    assert (top["Tag"], top["Binary"]) == (filled["tag"], crashed.bugcheck["suspect"]["driver"])

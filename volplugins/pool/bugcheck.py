@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from volatility3.framework import exceptions
 from volatility3.framework.layers import crash
 
-from . import driverscan, freespace, owner, scan, validate
+from . import driverscan, exhaustion, freespace, owner, scan, validate
 from .kernel import Kernel
 from .model import Chunk, Finding, State
 
@@ -40,6 +40,8 @@ VALUE = "value"
 ADDRESS_ROLES = (ENTRY, DAMAGED, FREED, BEYOND, REFERENCED)
 RESERVED = ("Reserved", VALUE)
 
+MUST_SUCCEED_POOL_EMPTY = 0x41
+NONPAGED = "Nonp"  # the tracker's name of nonpaged pool
 SOURCE_DUMP = "crash dump header"
 SOURCE_MEMORY = "KiBugCheckData"
 KI_BUGCHECK_VALUES = 5  # code and four parameters
@@ -213,7 +215,7 @@ class CodeSite:
 
 @dataclass(frozen=True)
 class Suspect:
-    chunk: Chunk
+    chunk: Chunk | None  # None when a tag as a whole is to blame (a pool filled to its limit)
     tag: bytes  # the chunk's tag, or the stale tag of a freed one
     reason: str
 
@@ -226,6 +228,7 @@ class CrashAnalysis:
     code_sites: tuple[CodeSite, ...] = ()
     suspect: Suspect | None = None
     pool_findings: tuple[Finding, ...] = ()  # whole-pool validation, when no parameter led into pool
+    usage: tuple[exhaustion.PoolUsage, ...] = ()  # pools against their limits, for an empty pool
 
 
 def analyze(kernel: Kernel, bugcheck: BugCheck) -> CrashAnalysis:
@@ -233,6 +236,8 @@ def analyze(kernel: Kernel, bugcheck: BugCheck) -> CrashAnalysis:
     info = code_info(bugcheck.code, bugcheck.parameters)
     if not info.pool:
         return CrashAnalysis(bugcheck, info)
+    if bugcheck.code == MUST_SUCCEED_POOL_EMPTY:
+        return _exhausted(kernel, bugcheck, info)
     roles = [(index, role, value) for index, ((_, role), value) in
              enumerate(zip(info.parameters, bugcheck.parameters), start=1)]
     answers = tuple(_address_answer(kernel, index, role, value) for index, role, value in roles
@@ -244,6 +249,18 @@ def analyze(kernel: Kernel, bugcheck: BugCheck) -> CrashAnalysis:
         pool_findings = tuple(validate.validate(kernel, scan.scan_pools(kernel)))
         suspect = _suspect_from_findings(kernel, pool_findings)
     return CrashAnalysis(bugcheck, info, answers, sites, suspect, pool_findings)
+
+
+def _exhausted(kernel: Kernel, bugcheck: BugCheck, info: CodeInfo) -> CrashAnalysis:
+    """An empty nonpaged pool: the pools against their limits; a tag holding a third of the limit is to blame."""
+    usage, _ = exhaustion.pool_usage(kernel)
+    nonpaged = next((pool for pool in usage if pool.pool == NONPAGED), None)
+    blamed = [row for row in nonpaged.top if nonpaged.tag_warning(row)] if nonpaged else []
+    suspect = None
+    if blamed:
+        share = nonpaged.share(blamed[0])
+        suspect = Suspect(None, blamed[0].tag, f"holds {share:.0%} of the nonpaged pool's limit")
+    return CrashAnalysis(bugcheck, info, suspect=suspect, usage=tuple(usage))
 
 
 def _address_answer(kernel: Kernel, parameter: int, role: str, address: int) -> AddressAnswer:

@@ -43,10 +43,12 @@ class PoolCrash(interfaces.plugins.PluginInterface):
             yield 0, _row(f"P{site.parameter} code", "Module", site.address, binary=site.module, note=where)
         for finding in analysis.pool_findings:
             yield 0, _row("Pool validation", "Finding", finding.address, note=finding.reason)
+        yield from _usage_rows(analysis.usage, tags)
         if analysis.suspect is not None:
             suspect = analysis.suspect
             description, binary = tags.describe(suspect.tag)
-            yield 0, _row("Suspect", "Chunk", suspect.chunk.address, suspect.chunk, tag=suspect.tag,
+            address = suspect.chunk.address if suspect.chunk else None
+            yield 0, _row("Suspect", "Chunk" if suspect.chunk else "Tag", address, suspect.chunk, tag=suspect.tag,
                           binary=binary, note=f"{suspect.reason}; {description or 'tag not described'}")
         elif analysis.info.pool:
             yield 0, _row("Suspect", "None", note="no chunk of the pool answers for this bug check")
@@ -91,6 +93,19 @@ def _address_rows(item: bugcheck.AddressAnswer, tags: TagAttribution) -> Iterato
         yield 1, _row(section, "Validation", finding.address, note=finding.reason)
     if answer.chunks and not item.validation:
         yield 1, _row(section, "Validation", answer.address, note="the page's chunks are consistent")
+
+
+def _usage_rows(usage, tags: TagAttribution) -> Iterator[tuple[int, tuple]]:
+    """Each pool's bytes in use against its limit, and its top tags (windows.poolusage shows the same)."""
+    for pool in usage:
+        limit = f"{pool.percent:.1f}% of the limit {pool.limit.limit:#x}, " if pool.percent is not None else ""
+        warning = f"; {pool.warning}" if pool.warning else ""
+        yield 0, _row("Pool usage", pool.pool, pool.in_use, note=f"{limit}{pool.limit.describe()}{warning}")
+        for row in pool.top:
+            _, binary = tags.describe(row.tag)
+            warning = f"; {pool.tag_warning(row)}" if pool.tag_warning(row) else ""
+            yield 1, _row("Pool usage", f"{pool.pool} tag", row.bytes, tag=row.tag, binary=binary,
+                          note=f"{pool.share(row):.1%} of the pool's {pool.share_basis}{warning}")
 
 
 def _row(section: str, item: str, value: int | None = None, chunk: Chunk | None = None, tag: bytes = b"",

@@ -11,7 +11,7 @@ from volplugins.pool import bugcheck, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Chunk
-from volplugins.pool.tags import tag_text
+from volplugins.pool.tags import tag_text, unprotected
 
 NO_BUGCHECK = "no bug check recorded: neither a crash dump header nor KiBugCheckData names one"
 
@@ -25,7 +25,7 @@ class PoolCrash(interfaces.plugins.PluginInterface):
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        return [plugin_options.kernel(), plugin_options.pooltag_files()]
+        return [plugin_options.kernel(), plugin_options.pooltag_files(), plugin_options.driver_scan(DriverScan.AUTO)]
 
     def _generator(self) -> Iterator[tuple[int, tuple]]:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
@@ -34,7 +34,7 @@ class PoolCrash(interfaces.plugins.PluginInterface):
             yield 0, _row("Bug check", "None", note=NO_BUGCHECK)
             return
         analysis = bugcheck.analyze(kernel, found)
-        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], DriverScan.AUTO)
+        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], self.config.get("driver-scan"))
         yield from _bugcheck_rows(analysis)
         for item in analysis.addresses:
             yield from _address_rows(item, tags)
@@ -118,7 +118,7 @@ def _row(section: str, item: str, value: int | None = None, chunk: Chunk | None 
         format_hints.Hex(chunk.address) if chunk else absent,
         format_hints.Hex(chunk.size) if chunk else absent,
         chunk.state.value if chunk else "",
-        tag_text(tag),
+        tag_text(unprotected(tag)),
         binary,
         note,
     )

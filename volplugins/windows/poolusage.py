@@ -11,7 +11,7 @@ from volatility3.framework.renderers import format_hints
 from volplugins.pool import exhaustion, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
-from volplugins.pool.tags import tag_text
+from volplugins.pool.tags import tag_text, unprotected
 
 DEFAULT_TOP = 5
 
@@ -30,11 +30,12 @@ class PoolUsage(interfaces.plugins.PluginInterface):
             requirements.IntRequirement(name="top", description=f"Tags listed per pool (default {DEFAULT_TOP})",
                                         default=DEFAULT_TOP, optional=True),
             plugin_options.pooltag_files(),
+            plugin_options.driver_scan(DriverScan.AUTO),
         ]
 
     def _generator(self) -> Iterator[tuple[int, tuple]]:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
-        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], DriverScan.AUTO)
+        tags = load_attribution(kernel, self.config.get("pooltag-file") or [], self.config.get("driver-scan"))
         usage, findings = exhaustion.pool_usage(kernel, max(0, self.config.get("top") or DEFAULT_TOP))
         yield from _usage_rows(usage, tags)
         for finding in findings:
@@ -64,8 +65,8 @@ def _usage_rows(usage: list[exhaustion.PoolUsage], tags: TagAttribution) -> Iter
                       pool.limit.describe())
         for row in pool.top:
             description, binary = tags.describe(row.tag)
-            yield 1, _row(pool.pool, tag_text(row.tag), row.bytes, pool.limit.limit, 100.0 * pool.share(row),
-                          row.diff, binary, pool.tag_warning(row), description)
+            yield 1, _row(pool.pool, tag_text(unprotected(row.tag)), row.bytes, pool.limit.limit,
+                          100.0 * pool.share(row), row.diff, binary, pool.tag_warning(row), description)
 
 
 def _row(pool: str, tag: str = "", size: int | None = None, limit: int | None = None, percent: float | None = None,

@@ -182,7 +182,8 @@ class Crash:
         else:  # 0xC5: the kernel followed a pointer the overrun wrote
             referenced = int.from_bytes(self.image.space.read(victim, 8), "little")
             parameters = {1: referenced, 2: DISPATCH_LEVEL, 3: READ, 4: self.image.kernel_base + CODE_OFFSET}
-        owners = {index: source.address for index, value in parameters.items() if value in (source.address, source.body)}
+        owners = {index: source.address for index, value in parameters.items()
+                  if value in (source.address, source.body)}
         return _Planted(parameters, owners, victim, source, f"overran into the header at {victim:#x}")
 
     def _freed(self) -> _Planted:

@@ -151,7 +151,8 @@ def test_empty_pool_shows_the_pools_against_their_limits(crashes):
     (nonpaged,) = rows_of(rows, "Pool usage", "Nonp")
     assert nonpaged["Value"] == sum(row["bytes"] for row in crashed.manifest["tracker"]
                                     if row["pool"] == "Nonp" and row["bytes"] > 0)
-    assert nonpaged["Note"].startswith(f"{100 * nonpaged['Value'] / filled['limit']:.1f}% of the limit {filled['limit']:#x}")
+    percent = 100 * nonpaged["Value"] / filled["limit"]
+    assert nonpaged["Note"].startswith(f"{percent:.1f}% of the limit {filled['limit']:#x}")
     assert nonpaged["Note"].endswith("above 90% of its limit")
     top = rows_of(rows, "Pool usage", "Nonp tag")[0]
     assert (top["Tag"], top["Binary"]) == (filled["tag"], crashed.bugcheck["suspect"]["driver"])

@@ -105,7 +105,8 @@ _POOL_CODES: dict[int, tuple[str, str, dict[int, tuple[str, tuple]], int | None,
     0xD6: ("DRIVER_PAGE_FAULT_BEYOND_END_OF_ALLOCATION", "a driver accessed memory past the end of its allocation",
            {}, None, _FAULT),
     0xCD: ("PAGE_FAULT_BEYOND_END_OF_ALLOCATION", "an access ran past the end of a pool allocation", {}, None, _FAULT),
-    0xC1: ("SPECIAL_POOL_DETECTED_MEMORY_CORRUPTION", "special pool caught a write outside an allocation or a bad free", {
+    0xC1: ("SPECIAL_POOL_DETECTED_MEMORY_CORRUPTION",
+           "special pool caught a write outside an allocation or a bad free", {
         0x20: ("the block freed was not allocated", ()),
         0x21: ("the address freed is bad", ()),
         0x22: ("the address freed is bad", ()),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from volatility3.framework import exceptions
 from volatility3.framework.layers import crash
 
-from . import driverscan, exhaustion, freespace, owner, scan, validate
+from . import exhaustion, freespace, modules, owner, scan, validate
 from .kernel import Kernel
 from .model import Chunk, Finding, State
 
@@ -325,9 +325,9 @@ def _suspect_from_findings(kernel: Kernel, findings: tuple[Finding, ...]) -> Sus
 
 
 def _code_site(kernel: Kernel, parameter: int, address: int) -> CodeSite:
-    modules, _ = driverscan.loaded_modules(kernel)
+    loaded, _ = modules.loaded_modules(kernel)
     mask = kernel.layer.address_mask
-    for module in modules:
+    for module in loaded:
         if module.base & mask <= address & mask < (module.base + module.size) & mask:
             return CodeSite(parameter, address, module.name, (address - module.base) & mask)
     return CodeSite(parameter, address, "", 0)

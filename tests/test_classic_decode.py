@@ -311,7 +311,8 @@ def test_big_page_table_0x18_layouts(win7, win10):
                 big_entry_0x18(BIG + 0x20000, b"\0\0\0\0", word, 0x1000),  # no Key: unused slot
             ]
         )
-        found = bigpages.parse_table(data, layout)
+        found, implausible = bigpages.parse_table(data, layout)
+        assert implausible == 0
         assert [(a.index, a.va, a.size, a.tag, a.pool_type, a.free) for a in found] == [
             (0, BIG, 0x3000, b"Big1", 0x201, False),
             (2, BIG + 0x10000, 0x2000, b"Fred", 0x201, True),
@@ -322,7 +323,7 @@ def test_big_page_lookup_by_any_address_of_live_allocations(win10):
     layout = bigpages.entry_layout(win10[0])
     no_pool_type = bigpages.EntryLayout(layout.size, layout.va, layout.key, layout.number_of_bytes, None)
     data = big_entry_0x18(BIG, b"Big1", 0, 0x3000) + big_entry_0x18(BIG + 0x10000 | 1, b"Fred", 0, 0x2000)
-    table = bigpages.BigPageTable(0, 2, tuple(bigpages.parse_table(data, no_pool_type)))
+    table = bigpages.BigPageTable(0, 2, tuple(bigpages.parse_table(data, no_pool_type)[0]))
     assert table.allocations[0].pool_type is None
     assert table.find(BIG + 0x2FFF).tag == b"Big1"
     assert table.find(BIG + 0x3000) is None
@@ -451,3 +452,24 @@ def test_win81_fixed_nonpaged_start_holds_only_when_the_first_process_lies_there
         assert "Nonpaged pool" not in found
         assert regions.classify(kernel, 0xFFFFE00000001000).name == regions.UNKNOWN_KERNEL
         assert "layout of build 9600 not recognised" in caplog.text
+
+
+def test_implausible_big_entries_are_skipped_and_counted(win10):
+    # An overread or smeared table yields entries no kernel writes; one of them must not own every address.
+    layout = bigpages.entry_layout(win10[0])
+    word = (0x201 << 8) | 0x5A
+    data = b"".join(
+        [
+            big_entry_0x18(BIG, b"Big1", word, 0x3000),
+            big_entry_0x18(8, b"Junk", word, 1 << 62),  # not page aligned, user half
+            big_entry_0x18(BIG + 0x10, b"Junk", word, 0x1000),  # not page aligned
+            big_entry_0x18(0x7FF0_0000_0000, b"Junk", word, 0x1000),  # user half
+            big_entry_0x18(BIG + 0x10000, b"Junk", word, bigpages.MAX_BYTES + 0x1000),  # beyond any pool
+            big_entry_0x18(0xFFFF_FFFF_FFFF_F000, b"Junk", word, 0x2000),  # runs past the address space
+        ]
+    )
+    allocations, implausible = bigpages.parse_table(data, layout)
+    assert [(a.va, a.tag) for a in allocations] == [(BIG, b"Big1")]
+    assert implausible == 5
+    table = bigpages.BigPageTable(0, 6, tuple(allocations))
+    assert table.find(BIG + 0x20000) is None and table.find(BIG + 0x2FFF).tag == b"Big1"

@@ -22,11 +22,13 @@ from typing import Iterator
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import FieldLayout, Kernel, per_kernel
+from . import regions
+from .kernel import PAGE_SIZE, FieldLayout, Kernel, per_kernel
 from .model import Finding
 
 _ENTRY = "_POOL_TRACKER_BIG_PAGES"
 MAX_ENTRIES = 1 << 24  # far above any real table; a larger count means a bad read
+MAX_BYTES = 1 << 40  # one allocation of a terabyte is beyond any pool; a larger NumberOfBytes is a bad entry
 
 
 @dataclass(frozen=True)
@@ -117,17 +119,29 @@ def entry_layout(kernel: Kernel) -> EntryLayout:
     )
 
 
-def parse_table(data: bytes, layout: EntryLayout) -> list[BigAllocation]:
-    """The in-use entries (Key != 0, Va != 0) of a table given its bytes."""
+def parse_table(data: bytes, layout: EntryLayout,
+                kernel_half: int = regions.kernel_half_start()) -> tuple[list[BigAllocation], int]:
+    """The plausible in-use entries (Key != 0, Va != 0) of a table given its bytes, and how many in-use
+    entries were not plausible.
+
+    A real entry's Va is page aligned in the kernel half and its allocation
+    ends inside the address space; a smeared or overread table gives entries
+    such as Va 8 with a size of half the address space, which would otherwise
+    own every address above them.
+    """
     count = len(data) // layout.size
     keys = layout.key.column(data, count, layout.size)
     raw_va = layout.va.column(data, count, layout.size)
     sizes = layout.number_of_bytes.column(data, count, layout.size)
     types = layout.pool_type.column(data, count, layout.size) if layout.pool_type else None
-    used = np.flatnonzero((keys != 0) & ((raw_va & ~np.uint64(1)) != 0))
-    return [
+    va = raw_va & ~np.uint64(1)
+    in_use = (keys != 0) & (va != 0)
+    plausible = ((va % np.uint64(PAGE_SIZE) == 0) & (va >= np.uint64(kernel_half))
+                 & (sizes <= np.uint64(MAX_BYTES)) & (sizes <= ~va + np.uint64(1)))
+    used = np.flatnonzero(in_use & plausible)
+    allocations = [
         BigAllocation(
-            va=int(raw_va[i]) & ~1,
+            va=int(va[i]),
             size=int(sizes[i]),
             tag=int(keys[i]).to_bytes(layout.key.size, "little"),
             pool_type=None if types is None else int(types[i]),
@@ -136,6 +150,7 @@ def parse_table(data: bytes, layout: EntryLayout) -> list[BigAllocation]:
         )
         for i in used
     ]
+    return allocations, int(np.count_nonzero(in_use & ~plausible))
 
 
 @per_kernel
@@ -158,10 +173,14 @@ def read_big_page_table(kernel: Kernel) -> BigPageTable:
     data, missing = kernel.read_table(table, count * layout.size)
     if missing == len(data):
         return BigPageTable(table, count, findings=(Finding(table, "big page table is not readable"),))
-    findings = ()
+    allocations, implausible = parse_table(data, layout, regions.kernel_half_start(kernel))
+    findings = []
     if missing:
-        findings = (Finding(table, f"{missing:#x} of {len(data):#x} bytes of the big page table are unreadable"),)
-    return BigPageTable(table, count, tuple(parse_table(data, layout)), findings)
+        findings.append(Finding(table, f"{missing:#x} of {len(data):#x} bytes of the big page table are unreadable"))
+    if implausible:
+        findings.append(Finding(table, f"{implausible} big page table entries are implausible (Va not page aligned "
+                                       f"or outside the kernel half, or size past the address space) and are skipped"))
+    return BigPageTable(table, count, tuple(allocations), tuple(findings))
 
 
 def _size_problem(count: int) -> str:

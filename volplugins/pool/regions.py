@@ -109,14 +109,13 @@ def _regions(kernel: Kernel) -> tuple[Region, ...]:
         regions = _from_mi_state(kernel) if _has_va_assignments(kernel) else _from_variables(kernel)
     except exceptions.InvalidAddressException:
         regions = []
-    usable = [region for region in regions if _usable(region, _va_bits(kernel))]
+    usable = [region for region in regions if _usable(region, kernel_half_start(kernel))]
     return tuple(sorted(usable, key=lambda region: (region.start, region.end)))
 
 
-def _usable(region: Region, va_bits: int) -> bool:
+def _usable(region: Region, kernel_half: int) -> bool:
     """Bounds a kernel can have: page aligned, inside the kernel half of the address space.  Smeared or
     half-paged-out bookkeeping gives others; such a region is as good as unknown."""
-    kernel_half = (1 << 64) - (1 << (va_bits - 1))
     return (kernel_half <= region.start < region.end <= 1 << 64 and region.start % PAGE_SIZE == 0
             and region.end % PAGE_SIZE == 0)
 
@@ -222,6 +221,12 @@ def highest_user_address(kernel: Kernel) -> int:
 def _va_bits(kernel: Kernel) -> int:
     """Implemented virtual-address bits of the kernel's layer (48 for 4-level paging)."""
     return getattr(kernel.layer, "_maxvirtaddr", DEFAULT_VA_BITS)
+
+
+def kernel_half_start(kernel: Kernel | None = None) -> int:
+    """The lowest canonical kernel-half address: bit ``va_bits - 1`` and all above it set."""
+    va_bits = _va_bits(kernel) if kernel is not None else DEFAULT_VA_BITS
+    return (1 << 64) - (1 << (va_bits - 1))
 
 
 def is_canonical(address: int, va_bits: int = DEFAULT_VA_BITS) -> bool:

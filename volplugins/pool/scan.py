@@ -396,7 +396,7 @@ def _validation_spans(kernel: Kernel, known: list[_Span]) -> list[_Span]:
     validates are taken for pool."""
     if {"NonPaged", "Paged"} <= {span.pool for span in known}:
         return []
-    pieces = [((1 << 64) - (1 << (regions.DEFAULT_VA_BITS - 1)), 1 << 64)]
+    pieces = [(regions.kernel_half_start(kernel), 1 << 64)]
     for start, end in [(span.start, span.end) for span in known] + _self_map(kernel):
         pieces = [part for lo, hi in pieces for part in _subtract(lo, hi, start, end)]
     return [_Span(lo, hi, "", classic.FOUND_BY_VALIDATION) for lo, hi in pieces]

@@ -148,7 +148,9 @@ class Campaign:
         self._run(DRIVERS, {"tag": [], "call-sites": False, "include-kernel": False}, label)
         rng = random.Random(f"{self.seed}:{self.flavor}:probes:{index}")
         untouched = [a for a in self.pristine.allocations if not _touched(a, mutation)]
-        probes = rng.sample(untouched, min(PROBES_PER_MUTANT // 2, len(untouched)))
+        # Damage that may reach every answer (bookkeeping cut off) leaves no allocation whose owner is certain.
+        owned = 0 if mutation.everything else min(PROBES_PER_MUTANT // 2, len(untouched))
+        probes = rng.sample(untouched, owned)
         self._owner(probes, self._addresses(rng, PROBES_PER_MUTANT // 2), label)
         if listed is None or mutation.everything:
             return

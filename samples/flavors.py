@@ -154,6 +154,7 @@ WIN81_9600 = Flavor(
     segment_heap=False,
     self_map_index=0x1ED,
     kernel_base=0xFFFFF80231E7A000,
+    big_pool_tails=True,
     regions={
         # Windows 8.1 x64 (128 TiB of kernel space) gives each pool a fixed 16 TiB slot; session
         # space, the PFN database and the loader's image slot stay where Windows 7 had them.

@@ -18,10 +18,11 @@ def vol(sample, *arguments: str, renderer: str = "quick"):
 
 
 def assert_refused(result, message: str) -> None:
-    """Exit code 2, the one error line naming the problem, and no table on stdout."""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    """Exit code 2, the one error line naming the plugin run and the problem, and no table on stdout."""
+    (plugin,) = [argument for argument in result.args if argument.startswith("windows.")]
+    errors = [line.split(None, 1)[1] for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert result.returncode == exits.REFUSED, result.stderr
-    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"{plugin}: ") and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert "\t" not in result.stdout  # not even the column headings
 
@@ -93,7 +94,7 @@ def test_poolowner_reads_a_utf16_address_file(samples, tmp_path):
 def test_poolowner_partial_answer_keeps_good_rows_and_exits_non_zero(samples):
     result = vol(samples["win10-19041"], "windows.poolowner", "--address", "nonsense", f"{SEED_ADDRESS:x}")
     assert result.returncode == exits.PARTIAL
-    assert "1 address(es) could not be used" in result.stderr
+    assert "windows.poolowner: 1 address(es) could not be used" in result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith(f"{SEED_ADDRESS:#x}\t") and "\t*\t" in line for line in lines)
     (bad,) = [line for line in lines if line.startswith("N/A")]

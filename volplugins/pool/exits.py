@@ -4,7 +4,8 @@ Volatility 3's ``vol`` exits 0 after printing a table and 1 after its own errors
 kernel found, an option it does not know). The plugins of this suite add two codes:
 
 * :data:`REFUSED` (2, as for a command-line usage error): the request cannot be done at all (no address, an
-  unreadable input file, options that exclude each other). One line names the problem; no table is printed.
+  unreadable input file, options that exclude each other). One line names the plugin and the problem
+  (``windows.poolowner: no address given: ...``); no table is printed.
 * :data:`PARTIAL` (3): some inputs could not be used. The table holds the good rows and one row per bad input
   with its reason; the process then exits non-zero so that scripts notice.
 
@@ -20,7 +21,7 @@ import os
 import sys
 from typing import NoReturn
 
-vollog = logging.getLogger(__name__)
+from volatility3.framework import interfaces
 
 REFUSED = 2
 PARTIAL = 3
@@ -42,20 +43,32 @@ class Refused(SystemExit):
         return self.message
 
 
-def refuse(message: str) -> NoReturn:
-    """Log ``message`` as the one error line and stop before any row is produced."""
-    vollog.error(message)
+def refuse(plugin: interfaces.plugins.PluginInterface, message: str) -> NoReturn:
+    """Log ``message`` as the one error line, under the name the user ran ``plugin`` by, and stop before any row
+    is produced."""
+    _logger(plugin).error(message)
     raise Refused(message)
 
 
-def finish_partial(problems: int, what: str) -> None:
+def plugin_name(plugin: interfaces.plugins.PluginInterface) -> str:
+    """The name ``vol`` runs a plugin of this suite by (``windows.poolowner``): its module's place in the plugin
+    directory, whichever package path the module was imported under."""
+    return ".".join(type(plugin).__module__.split(".")[-2:])
+
+
+def _logger(plugin: interfaces.plugins.PluginInterface) -> logging.Logger:
+    """The logger a plugin's refusal or partial answer is told under: ``vol`` prints its name before the line."""
+    return logging.getLogger(plugin_name(plugin))
+
+
+def finish_partial(plugin: interfaces.plugins.PluginInterface, problems: int, what: str) -> None:
     """Say how many inputs could not be used and make ``vol`` exit with :data:`PARTIAL` after its table.
 
     Volatility's command line returns 0 once the renderer is done and offers no hook after it, so the exit code
     is set when the interpreter shuts down, after the table has been written and flushed. Only the ``vol``
     process itself is ended this way; a script or test that runs the plugin keeps its own exit status.
     """
-    vollog.warning("%d %s could not be used; they are listed with their reason", problems, what)
+    _logger(plugin).warning("%d %s could not be used; they are listed with their reason", problems, what)
     if _run_by_vol_command():
         atexit.register(_exit_partial)
 

@@ -185,7 +185,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         """The view asked for ('' for the chunk listing); refuses the run when several are."""
         chosen = [name for name in VIEWS if self.config.get(name)]
         if len(chosen) > 1:
-            exits.refuse("choose one view at a time; got " + ", ".join(f"--{name}" for name in chosen))
+            exits.refuse(self, "choose one view at a time; got " + ", ".join(f"--{name}" for name in chosen))
         if chosen and self.config.get("dump"):
             vollog.warning("--dump writes the chunks of the chunk listing; --%s has nothing to dump, so nothing "
                            "is written", chosen[0])
@@ -194,10 +194,10 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _filter(self) -> ChunkFilter:
         """The listing filters from the options; refuses the run when they contradict each other."""
         if self.config.get("free") and self.config.get("allocated"):
-            exits.refuse("--free and --allocated exclude each other; give at most one")
+            exits.refuse(self, "--free and --allocated exclude each other; give at most one")
         low, high = self.config.get("min-size"), self.config.get("max-size")
         if low is not None and high is not None and low > high:
-            exits.refuse(f"--min-size {low:#x} is larger than --max-size {high:#x}: nothing can match")
+            exits.refuse(self, f"--min-size {low:#x} is larger than --max-size {high:#x}: nothing can match")
         patterns = filters.parse_patterns(self.config.get("tag"))
         for text in filters.unmatchable(patterns):
             vollog.warning("tag pattern %r is longer than a 4-byte tag and matches nothing", text)
@@ -284,7 +284,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                 handle.write(data)
                 return handle.preferred_filename
         except OSError as error:
-            exits.refuse(f"--dump cannot write to the output directory (-o): {error}")
+            exits.refuse(self, f"--dump cannot write to the output directory (-o): {error}")
 
     def _bigpage_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()

@@ -79,14 +79,14 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             try:
                 parsed.extend(addresses.addresses_from_file(self.config["address-file"]))
             except addresses.AddressFileError as error:
-                exits.refuse(str(error))
+                exits.refuse(self, str(error))
         if not parsed:
-            exits.refuse("no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE")
+            exits.refuse(self, "no address given: use --address ADDRESS [ADDRESS ...] or --address-file FILE")
         bad = [item for item in parsed if item.value is None]
         if len(bad) == len(parsed):
-            exits.refuse("no address to look up: " + "; ".join(item.error for item in bad))
+            exits.refuse(self, "no address to look up: " + "; ".join(item.error for item in bad))
         if bad:
-            exits.finish_partial(len(bad), "address(es)")
+            exits.finish_partial(self, len(bad), "address(es)")
         return parsed
 
     def _generator(self, requested: list[addresses.ParsedAddress]) -> Iterator[tuple[int, tuple]]:

@@ -84,7 +84,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
         selection = self._filters()
         if self.config.get("baseline"):
             if self.config.get("scan"):
-                exits.refuse("--scan and --baseline are two views; give one of them")
+                exits.refuse(self, "--scan and --baseline are two views; give one of them")
             baseline = self._baseline(kernel)
             return renderers.TreeGrid(_GROWTH_COLUMNS + _OWNER_COLUMNS, self._growth_rows(kernel, baseline,
                                                                                           selection))
@@ -135,11 +135,11 @@ class PoolTags(interfaces.plugins.PluginInterface):
         if self.config.get("pool"):
             pools, unknown = poolmon.pool_columns(self.config["pool"])
             if unknown:
-                exits.refuse(f"unknown pool(s) {', '.join(unknown)} for --pool: choose from nonpaged, paged, "
+                exits.refuse(self, f"unknown pool(s) {', '.join(unknown)} for --pool: choose from nonpaged, paged, "
                              "session")
         top = self.config.get("top")
         if top is not None and top < 0:
-            exits.refuse(f"--top {top}: give a count of rows, 0 or more")
+            exits.refuse(self, f"--top {top}: give a count of rows, 0 or more")
         return {"include": include, "exclude": exclude, "pools": pools,
                 "unknown_only": bool(self.config.get("unknown"))}
 
@@ -147,7 +147,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
         """The --sort column; the command line refuses others, a caller configuring the plugin may not."""
         key = self.config.get("sort") or "bytes"
         if key not in poolmon.SORT_KEYS:
-            exits.refuse(f"unknown sort key {key!r}: choose from {', '.join(poolmon.SORT_KEYS)}")
+            exits.refuse(self, f"unknown sort key {key!r}: choose from {', '.join(poolmon.SORT_KEYS)}")
         return key
 
     def _selected(self, rows: list, selection: dict) -> list:
@@ -192,13 +192,13 @@ class PoolTags(interfaces.plugins.PluginInterface):
         try:
             is_json = poolmon.is_json_file(path)
         except OSError as error:
-            exits.refuse(f"baseline {path}: {error.strerror or error}")
+            exits.refuse(self, f"baseline {path}: {error.strerror or error}")
         if is_json:
             loaded = poolmon.read_snapshot_file(path)
             if loaded.error is not None:
-                exits.refuse(f"baseline {path}: {loaded.error}")
+                exits.refuse(self, f"baseline {path}: {loaded.error}")
             if loaded.selection not in (None, poolmon.EVERY_TAG):
-                exits.refuse(f"baseline {path} is not a full snapshot: it was saved with {loaded.selection}; "
+                exits.refuse(self, f"baseline {path} is not a full snapshot: it was saved with {loaded.selection}; "
                              "save a run without --tag, --exclude, --pool, --top or --unknown")
             self._check_kernel(path, loaded.kernel, poolmon.kernel_identity(kernel))
             return loaded.rows
@@ -215,7 +215,7 @@ class PoolTags(interfaces.plugins.PluginInterface):
         elif theirs != ours:
             message = f"baseline {path} is of another kernel build ({theirs}; this image: {ours})"
             if not self.config.get("any-kernel"):
-                exits.refuse(message + "; give --any-kernel to compare anyway")
+                exits.refuse(self, message + "; give --any-kernel to compare anyway")
             vollog.warning("%s; comparing anyway", message)
 
     def _baseline_kernel(self, path: str) -> Kernel:
@@ -230,10 +230,10 @@ class PoolTags(interfaces.plugins.PluginInterface):
             other = plugins.construct_plugin(context, chosen, type(self), "plugins", self._progress_callback,
                                              self.open)
         except exceptions.UnsatisfiedException as error:
-            exits.refuse(f"baseline {path}: no Windows kernel found in it (unsatisfied: "
+            exits.refuse(self, f"baseline {path}: no Windows kernel found in it (unsatisfied: "
                          f"{', '.join(error.unsatisfied)})")
         except exceptions.VolatilityException as error:
-            exits.refuse(f"baseline {path}: cannot open: {error}")
+            exits.refuse(self, f"baseline {path}: cannot open: {error}")
         return Kernel.from_module(context, other.config["kernel"])
 
 

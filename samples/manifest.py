@@ -28,6 +28,9 @@ class Allocation:
     body: int = 0  # first byte the caller received
     quota_process: int | None = None  # _EPROCESS charged, when quota charged
     note: str = ""
+    # A free VS chunk (its tag: the encoded chunk header's bytes): the tag of the first pool header its free header
+    # left intact, "" when none; None for every other chunk (a classic or LFH free chunk keeps it as its tag)
+    stale_tag: str | None = None
 
 
 @dataclass

@@ -121,6 +121,7 @@ class VsChunk:
     data: int = 0  # first byte after the chunk header's padding (pool header or big allocation)
     pool_header: bool = False
     slack: int = 0  # bytes past the block that were too few to split off as a free chunk
+    freed_headers: list[tuple[int, bytes]] = field(default_factory=list)  # (address, tag) of freed blocks' headers
 
 
 @dataclass
@@ -439,6 +440,7 @@ class SegmentHeapPools:
         sub, chunk, data = self._vs_place(heap, block, big=False, allocated=allocated)
         if not allocated:
             body = self._write_pool_headers(data, data + block, pool_type, tag, quota_process, bool(pool_type & 4))
+            chunk.freed_headers.append((data, tag))
             record = self._free_record(sub, chunk)
             record.note = (record.note + "; " if record.note else "") + f"freed {tag_text(tag)}"
             # The caller still writes what the freed allocation held (stale contents) at its body.
@@ -507,7 +509,14 @@ class SegmentHeapPools:
             else:
                 self.space.write(chunk.address, raw)
                 chunk.record.tag = tag_text(raw[4:8])
+                chunk.record.stale_tag = self._stale_tag(chunk)
             previous = units
+
+    def _stale_tag(self, chunk: VsChunk) -> str:
+        """The tag of the first freed block's pool header past the free chunk's free header (chunk header and
+        free-tree node, which overwrite what lay there), "" when no freed block's header lies past it."""
+        intact = chunk.address + self.fields.size("_HEAP_VS_CHUNK_FREE_HEADER")
+        return next((tag_text(tag) for address, tag in chunk.freed_headers if address >= intact), "")
 
     @staticmethod
     def _memory_cost(chunk: VsChunk) -> int:

@@ -97,6 +97,32 @@ def test_free_chunks_say_what_was_freed(samples):
                                                or row["Note"].startswith(f"Free (was: {big['tag']} :"))
 
 
+def manifest_stale_tag(allocation: dict) -> str:
+    """What a freed chunk's bytes still name, from the manifest: a free VS chunk's first intact pool header, or
+    the tag a classic or LFH free chunk keeps in its own header (zeros: a slot never handed out names nothing)."""
+    if allocation["stale_tag"] is not None:
+        return allocation["stale_tag"]
+    name = tag_name(allocation["tag"])
+    return tags.tag_text(name) if any(name) else ""
+
+
+@pytest.mark.parametrize("flavor", ["win7-sp1", "win10-19041"])
+def test_census_listing_names_what_free_chunks_held(samples, flavor):
+    sample = samples[flavor]
+    rows = [row for row in cli_json("-f", str(sample.image), "windows.poolcensus", cache_dir=sample.cache)
+            if row["Address"] is not None]
+    freed = {a["address"]: a for a in sample.manifest["allocations"] if a["state"] in ("Free", "Cached-free")}
+    listed = [row for row in rows if row["Address"] in freed]
+    assert len(listed) == len(freed)
+    assert [row["StaleTag"] for row in listed] == [manifest_stale_tag(freed[row["Address"]]) for row in listed]
+    assert all(row["StaleTag"] == "" for row in rows if row["State"] == "Allocated")
+    named = [row for row in listed if row["StaleTag"]]
+    assert named and any(row["StaleTag"] != row["Tag"] for row in named) == sample.segment_heap
+    described = {row["Tag"]: row["Description"] for row in rows if row["State"] == "Allocated"}
+    assert all(row["Description"] == described.get(row["StaleTag"], row["Description"]) for row in named)
+    assert all(row["Description"] == "" for row in listed if not row["StaleTag"])
+
+
 def test_census_says_what_it_did_not_list(samples):
     sample = samples["win10-19041"]
     chunks = len(sample.manifest["allocations"])

@@ -96,9 +96,10 @@ def summarize(chunks: Iterable[tuple[Chunk, str]]) -> list[FreeSummary]:
 
 
 def stale_tag(kernel: Kernel, chunk: Chunk) -> StaleTag:
-    """The tag of the allocation that last used a free chunk (see the module notes)."""
+    """The tag of the allocation that last used a free chunk (see the module notes); an LFH slot never handed
+    out holds zeros, which name nothing."""
     if chunk.backing is not Backing.VS or chunk.state is not State.FREE:
-        return StaleTag(chunk.tag, chunk.address)
+        return StaleTag(chunk.tag, chunk.address) if any(chunk.tag) else StaleTag(b"", None)
     layout = header_layout(kernel)
     try:
         data = kernel.read(chunk.address, min(chunk.size, STALE_SEARCH_LIMIT), pad=True)
@@ -108,6 +109,12 @@ def stale_tag(kernel: Kernel, chunk: Chunk) -> StaleTag:
     if offset is None:
         return StaleTag(b"", None)
     return StaleTag(decode(data, layout, offset).tag, chunk.address + offset)
+
+
+def freed_tag(kernel: Kernel, chunk: Chunk) -> bytes:
+    """What a chunk its caller gave back held before (:func:`stale_tag`); empty for a chunk in use, or when
+    nothing left in it names what was freed."""
+    return stale_tag(kernel, chunk).tag if chunk.state in FREED_STATES else b""
 
 
 def stale_header_offset(data: bytes, layout: HeaderLayout, free_header_size: int) -> int | None:

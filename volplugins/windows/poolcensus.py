@@ -16,7 +16,8 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import conversion, format_hints
 
-from volplugins.pool import bigpages, carve, exits, filters, listing, plugin_options, regions, scan, validate
+from volplugins.pool import (bigpages, carve, exits, filters, freespace, listing, plugin_options, regions, scan,
+                             validate)
 from volplugins.pool.filters import ChunkFilter
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import FREED_STATES, Backing, Chunk, State
@@ -33,6 +34,7 @@ _CHUNK_COLUMNS = [
     ("Size", format_hints.Hex),
     ("Tag", str),
     ("Protected", bool),
+    ("StaleTag", str),
     ("Pool", str),
     ("PoolType", format_hints.Hex),
     ("State", str),
@@ -253,12 +255,14 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             if not wanted.matches(chunk, region):
                 continue
             listed.append(chunk)
-            description, binary = tags.describe(chunk.tag)
+            stale = freespace.freed_tag(kernel, chunk)
+            description, binary = tags.describe(stale if chunk.state in FREED_STATES else chunk.tag)
             written = self._dump(kernel, chunk) if dump else ""
             yield 0, (
                 format_hints.Hex(chunk.address),
                 format_hints.Hex(chunk.size),
                 *listing.shown_tag(chunk),
+                tag_text(unprotected(stale)),
                 chunk.pool or renderers.NotAvailableValue(),
                 _hex_or_absent(chunk.pool_type),
                 chunk.state.value,
@@ -273,7 +277,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
                            " ".join(plugin_options.given(self.config, FILTERS)), len(result.chunks))
         absent = renderers.NotApplicableValue()
         for (state, backing), (count, size) in listing.counts(listed).items():
-            yield 0, (absent, format_hints.Hex(size), "", absent, "", absent, state.value, backing.value, "",
+            yield 0, (absent, format_hints.Hex(size), "", absent, "", "", absent, state.value, backing.value, "",
                       f"{listing.SUMMARY}: {count} chunk(s)", "", "")
 
     def _dump(self, kernel: Kernel, chunk: Chunk) -> str:

@@ -156,9 +156,9 @@ class PoolOwner(interfaces.plugins.PluginInterface):
 def _stale_tag(kernel: Kernel, chunk: Chunk, is_owner: bool) -> bytes:
     """What a free chunk held before: its own header's tag, or for a free VS chunk (whose header is encoded)
     a pool header left inside it, searched for the owner only since that reads the chunk's bytes."""
-    if chunk.state not in FREED_STATES or (chunk.backing is Backing.VS and not is_owner):
+    if chunk.backing is Backing.VS and not is_owner:
         return b""
-    return freespace.stale_tag(kernel, chunk).tag
+    return freespace.freed_tag(kernel, chunk)
 
 
 def _owner_note(answer: owner.OwnerAnswer, chunk: Chunk, stale: bytes, description: str, binary: str) -> str:

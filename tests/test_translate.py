@@ -63,6 +63,16 @@ def assert_same(context, pages: list[int], ranges: list[tuple[int, int]]) -> Non
         assert tables.mapping(start, size) == layer_mapping(context, start, size), hex(start)
 
 
+def assert_same_absence(context, ranges: list[tuple[int, int]], monkeypatch) -> None:
+    """The bulk count of missing pages by cause equals the layer's own refusals, page by page (a range over a
+    large page the layer below holds only part of differs: its mapping leaves the whole page out)."""
+    tables = translate.page_tables(context, "kernel")
+    bulk = [tables.absence(start, size) for start, size in ranges]
+    monkeypatch.setattr(translate, "page_tables", lambda context, layer_name: None)
+    assert [translate.absence(context, "kernel", start, size) for start, size in ranges] == bulk
+    assert any(found.paged_out for found in bulk) and any(found.unmapped for found in bulk)
+
+
 def entry_at(memory: bytearray, table: int, index: int) -> int:
     return struct.unpack_from("<Q", memory, table + 8 * index)[0]
 
@@ -123,7 +133,7 @@ def rewrite(memory: bytearray, tables, image_size: int) -> list[int]:
     return large
 
 
-def test_sample_page_tables_of_every_kind(sample):
+def test_sample_page_tables_of_every_kind(sample, monkeypatch):
     kernel = sample.kernel
     dtb = kernel.layer.config["page_map_offset"]
     memory = bytearray(sample.image.read_bytes())
@@ -137,6 +147,7 @@ def test_sample_page_tables_of_every_kind(sample):
     ranges = [(region.start, region.size) for region in pool]
     ranges += [(base + 0x10, LARGE - 0x20) for base in large] + [(base - 0x800, 3 * PAGE) for base in large]
     assert_same(context, pages, ranges)
+    assert_same_absence(context, [(page, PAGE) for page in pages[: 10 * 512]], monkeypatch)
 
 
 def test_census_ranges_of_the_sample_itself(sample):
@@ -221,15 +232,21 @@ def handmade_pages() -> list[int]:
     return low + giant + kernel + other
 
 
-def test_handmade_page_tables():
+ABSENCE_RANGES = [(0, 10 * LARGE), ((1 << 30) - 0x4000, 0x10000), (3 << 30, 128 * PAGE),
+                  (KERNEL_HALF | 0x1FF << 39 | 0x1FE << 30, 4 * LARGE), (1 << 39, 2 * LARGE)]
+
+
+def test_handmade_page_tables(monkeypatch):
     context = stack(bytes(handmade()), DTB)
     assert_same(context, handmade_pages(), HANDMADE_RANGES)
+    assert_same_absence(context, ABSENCE_RANGES, monkeypatch)
 
 
-def test_handmade_page_tables_over_a_physical_layer_with_a_hole():
+def test_handmade_page_tables_over_a_physical_layer_with_a_hole(monkeypatch):
     context = stack(bytes(handmade()), DTB, holes=True)
     assert translate.page_tables(context, "kernel").physical_name == "holes"
     assert_same(context, handmade_pages(), HANDMADE_RANGES)
+    assert_same_absence(context, [(page, PAGE) for page in range(0, 10 * LARGE, PAGE)], monkeypatch)
 
 
 @pytest.mark.parametrize("layer_class", [intel.WindowsIntelPAE, intel.Intel32e, intel.LinuxIntel32e])

@@ -50,7 +50,11 @@ class Coverage:
     segments: int = 0
     subsegments: int = 0  # VS and LFH subsegments walked
     pages_walked: int = 0  # pages read: busy page ranges (segment heap), mapped pool-region pages (classic)
-    pages_unreadable: int = 0  # pages of busy ranges or mapped runs that could not be read
+    pages_unreadable: int = 0  # pages missing, whatever the cause: the three counts below
+    # By cause; None where the walk cannot tell (see _classic_pool and _segment_heap for which it counts)
+    pages_paged_out: int | None = None  # their entry names a pagefile, prototype or transition page
+    pages_not_in_image: int | None = None  # mapped to a physical page the image does not hold
+    pages_unmapped: int | None = None  # no page at all
     big_entries: int = 0  # in-use big page table entries, live and freed
     vs_subsegments: int = 0
     lfh_subsegments: int = 0
@@ -60,6 +64,14 @@ class Coverage:
     pages_not_pool: int = 0  # mapped pool-region pages that hold no chunk chain (other data, big allocations)
     bytes_read: int = 0
     seconds: float = 0.0
+
+    def add_missing(self, absence: translate.Absence) -> None:
+        """Count pages the walk could not read, by cause."""
+        for cause in ("paged_out", "not_in_image", "unmapped"):
+            pages, counted = getattr(absence, cause), getattr(self, f"pages_{cause}")
+            if counted is not None or pages:
+                setattr(self, f"pages_{cause}", (counted or 0) + pages)
+        self.pages_unreadable += absence.pages
 
 
 @dataclass
@@ -172,6 +184,7 @@ def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
         return
     cached = segheap.cached_free_addresses(kernel)
     live_big = {a.va: a for a in table.allocations if not a.free}
+    coverage.pages_paged_out = coverage.pages_not_in_image = coverage.pages_unmapped = 0  # every cause, any layer
     heaps = segheap.pool_heaps(kernel)
     for number, heap in enumerate(heaps):
         if isinstance(heap, Finding):
@@ -255,10 +268,30 @@ def _read_range(kernel: Kernel, start: int, size: int,
             continue
         for at in range(0, len(data), page):
             pages[offset + at] = data[at : at + page]
-    unreadable = sum(1 for value in pages.values() if value is None)
-    coverage.pages_walked += len(pages) - unreadable
-    coverage.pages_unreadable += unreadable
+    missing = [address for address, value in pages.items() if value is None]
+    coverage.pages_walked += len(pages) - len(missing)
+    for first, count in _page_runs(missing):
+        coverage.add_missing(_absence(kernel, first, count))
     return None, pages
+
+
+def _page_runs(addresses: list[int]) -> Iterator[tuple[int, int]]:
+    """(first page, pages) of each run of consecutive pages among ``addresses`` (page addresses, in order)."""
+    start = None
+    for position, address in enumerate(addresses):
+        if start is None:
+            start, count = address, 0
+        count += 1
+        if position + 1 == len(addresses) or addresses[position + 1] != address + PAGE_SIZE:
+            yield start, count
+            start = None
+
+
+def _absence(kernel: Kernel, start: int, pages: int) -> translate.Absence:
+    """Why ``pages`` pages from ``start`` could not be read; one that is mapped and held but whose read failed
+    anyway counts as not in the image."""
+    found = translate.absence(kernel.context, kernel.layer_name, start, pages * PAGE_SIZE)
+    return replace(found, not_in_image=found.not_in_image + pages - found.pages)
 
 
 def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
@@ -365,12 +398,17 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
     spans = sorted(spans + _validation_spans(kernel, spans), key=lambda span: span.start)
     total = sum(span.end - span.start for span in spans) or 1
     done = 0
+    tables = translate.page_tables(kernel.context, kernel.layer_name)
+    if tables is not None:
+        coverage.pages_paged_out = coverage.pages_not_in_image = 0
     for span in spans:
         validating = span.name == classic.FOUND_BY_VALIDATION
+        if tables is not None and not validating:
+            _count_missing_in_region(tables, span, coverage)
         for offset, length, data in _mapped_runs(kernel, span.start, span.end - span.start, coverage):
             report(95.0 * (done + offset - span.start) / total, f"{span.name}: pages at {offset:#x}")
             if data is None:
-                coverage.pages_unreadable += length // decoder.page_size
+                coverage.add_missing(translate.Absence(not_in_image=length // decoder.page_size))
                 continue
             pages = len(data) // decoder.page_size
             coverage.pages_walked += pages
@@ -387,6 +425,16 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
                 coverage.pages_validated += coverage.classic_pages - before
             yield batch
         done += span.end - span.start
+
+
+def _count_missing_in_region(tables: translate.PageTables, span: _Span, coverage: Coverage) -> None:
+    """Pages of a pool region that are paged out or not in the image.
+
+    Counted only where the page tables are read in bulk: page by page, a region of gigabytes would cost a
+    translation per page.  Unmapped pages are never counted: a classic pool region is reserved address space
+    that pool fills as it grows, and nothing says which of its pages should be there."""
+    found = tables.absence(span.start, span.end - span.start)
+    coverage.add_missing(replace(found, unmapped=0))
 
 
 def _validation_spans(kernel: Kernel, known: list[_Span]) -> list[_Span]:

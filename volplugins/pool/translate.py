@@ -23,12 +23,18 @@ never depend on which path ran:
 
 Any other top layer (32-bit, PAE, Linux or Mac layers, a layer with swap files attached) is translated by
 the layer itself: :func:`mapping` then simply passes the request on.
+
+The pages a range's mapping leaves out are told apart by why (:func:`absence`): paged out (an entry, at any
+level, that is not present but names where the page is: a pagefile offset, a prototype or a transition
+entry), not in the image (a present entry whose page the layer below does not hold) and unmapped (no entry, or
+one that names no page: demand-zero or decommitted).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from volatility3.framework import exceptions, interfaces
@@ -47,8 +53,23 @@ _TRANSITION = 1 << 11
 _FEW = 64  # pages below which a request is answered in plain Python
 _WINDOW = 1 << 30  # address span walked at once for a small request
 _PAGEFILES = 16  # pagefile numbers a software entry can hold (four bits)
+_PAGEFILE_OFFSET_SHIFT = 32  # a software entry's pagefile offset, as Volatility reads it: the entry's high half
 
 Mapping = tuple[int, int, int, int, str]  # (address, length, physical address, length, layer name): as the layer
+
+
+@dataclass(frozen=True)
+class Absence:
+    """Pages of a range that no page maps, by why: what tells a responder whether the memory was gone on the
+    machine or only from the image."""
+
+    paged_out: int = 0  # not present, but the entry names where the page went (pagefile, prototype, transition)
+    not_in_image: int = 0  # a present entry whose physical page the image does not hold (truncated or sparse)
+    unmapped: int = 0  # no entry naming a page: none was there (empty, demand-zero or decommitted)
+
+    @property
+    def pages(self) -> int:
+        return self.paged_out + self.not_in_image + self.unmapped
 
 
 class PageTables:
@@ -148,6 +169,42 @@ class PageTables:
             offsets, lengths, targets = offsets[keep], lengths[keep], targets[keep]
         return self._runs(prefix, zip(offsets.tolist(), lengths.tolist(), targets.tolist()))
 
+    def absence(self, start: int, size: int) -> Absence:
+        """Why the pages of [start, start + size) that :meth:`mapping` leaves out are missing (see the module
+        notes); a range is counted in whole pages."""
+        low = start & ((1 << VIRTUAL_BITS) - 1)
+        end = min(low + size, 1 << VIRTUAL_BITS)
+        if end <= low:
+            return Absence()
+        offsets, lengths, targets = _clipped(*self._covering(low, end), low, end)
+        present = int(lengths.sum())
+        outside = present - int(lengths[self._readable(targets, lengths)].sum()) if present else 0
+        named = self._named_absent(self._root, 0, 0, low, end)
+        return Absence(named // PAGE_SIZE, outside // PAGE_SIZE, (end - low - present - named) // PAGE_SIZE)
+
+    def _named_absent(self, table_address: int, level: int, base: int, start: int, end: int) -> int:
+        """Bytes of [start, end) under entries that are not present but name where the page is, at any level."""
+        table = self._table(table_address)
+        if table is None:
+            return 0
+        shift = _LEVEL_SHIFTS[level]
+        first = max(start - base, 0) >> shift
+        last = min((end - 1 - base) >> shift, ENTRIES - 1)
+        entries = table[first : last + 1]
+        addresses = np.uint64(base) + (np.arange(first, last + 1, dtype=np.uint64) << np.uint64(shift))
+        present = _present(entries)
+        named = _names_absent_page(entries)
+        covered = (np.minimum(addresses[named] + np.uint64(1 << shift), np.uint64(end))
+                   - np.maximum(addresses[named], np.uint64(start)))
+        total = int(covered.sum())
+        if level == len(_LEVEL_SHIFTS) - 1:
+            return total
+        below = present & ((entries & np.uint64(_LARGE)) == 0) if _LARGE_LEVELS[level] else present
+        frames = (entries[below] & self._frame_mask).tolist()
+        for child_base, child in zip(addresses[below].tolist(), frames):
+            total += self._named_absent(child, level + 1, child_base, start, end)
+        return total
+
     def _runs(self, prefix: int, pieces) -> list[Mapping]:
         """Pieces (address, length, physical address) in order, joined where both sides continue: the
         layer's runs."""
@@ -201,6 +258,14 @@ def _present(entries: np.ndarray) -> np.ndarray:
     valid = (entries & np.uint64(_VALID)) != 0
     transition = (entries & np.uint64(_TRANSITION | _PROTOTYPE)) == np.uint64(_TRANSITION)
     return valid | transition
+
+
+def _names_absent_page(entries: np.ndarray) -> np.ndarray:
+    """Entries that are not present but say where their page is: in a pagefile, behind a prototype entry, or in
+    transition (a prototype transition entry, which Volatility does not read)."""
+    elsewhere = (entries >> np.uint64(_PAGEFILE_OFFSET_SHIFT)) != 0
+    software = (entries & np.uint64(_TRANSITION | _PROTOTYPE)) != 0
+    return ~_present(entries) & (elsewhere | software)
 
 
 def _clipped(pages: np.ndarray, sizes: np.ndarray, frames: np.ndarray, start: int,
@@ -267,6 +332,40 @@ def mapping(context: interfaces.context.ContextInterface, layer_name: str, start
         yield from context.layers[layer_name].mapping(start, size, ignore_errors=True)
     else:
         yield from tables.mapping(start, size)
+
+
+def absence(context: interfaces.context.ContextInterface, layer_name: str, start: int, size: int) -> Absence:
+    """Why the pages of [start, start + size) that :func:`mapping` leaves out are missing: in bulk where this
+    module reproduces the layer, else page by page from the layer's own refusals (its PagedInvalidAddressException
+    carries the entry that stopped it; a page it translates but the layer below does not hold is not in the
+    image).  Page by page costs a translation each: ask it for the pages known to be missing, not whole regions.
+    A large page the layer below holds only part of is the one difference: a range over it leaves the whole page
+    out (as the mapping does), page by page only its pages past what is held count."""
+    tables = page_tables(context, layer_name)
+    if tables is not None:
+        return tables.absence(start, size)
+    layer = context.layers[layer_name]
+    causes = {"paged_out": 0, "not_in_image": 0, "unmapped": 0}
+    for page in range(start & ~(PAGE_SIZE - 1), start + size, PAGE_SIZE):
+        cause = _page_cause(layer, page)
+        if cause:
+            causes[cause] += 1
+    return Absence(**causes)
+
+
+def _page_cause(layer: interfaces.layers.TranslationLayerInterface, page: int) -> str:
+    """The :class:`Absence` field one page counts under, "" when the page is there.
+
+    The layer's mapping refuses a page with the entry that stopped it, or, when the entry maps a page the layer
+    below does not hold, with an error of that lower layer."""
+    try:
+        list(layer.mapping(page, PAGE_SIZE))
+    except exceptions.PagedInvalidAddressException as error:
+        entry = np.array([error.entry or 0], dtype=np.uint64)
+        return "paged_out" if _names_absent_page(entry)[0] else "unmapped"
+    except exceptions.InvalidAddressException as error:
+        return "unmapped" if error.layer_name == layer.name else "not_in_image"
+    return ""
 
 
 def read(context: interfaces.context.ContextInterface, layer_name: str, start: int, size: int) -> tuple[bytes, int]:

@@ -93,6 +93,8 @@ _CARVE_COLUMNS = [
 ]
 _VALIDATE_COLUMNS = [("Address", format_hints.Hex), ("Region", str), ("Reason", str)]
 _COVERAGE_COLUMNS = [("Measure", str), ("Value", int), ("Meaning", str)]
+_CLASSIC_CAUSES = ("; on classic pool, pages of the pool regions, N/A when Volatility translates the kernel "
+                   "layer itself (not x64, or pagefiles given)")
 _COVERAGE_MEANINGS = {
     "chunks": "pool chunks found (every view starts from these)",
     "findings": "problems the walk met (--validate lists them)",
@@ -100,8 +102,14 @@ _COVERAGE_MEANINGS = {
     "segments": "segment heap segments walked",
     "subsegments": "VS and LFH subsegments walked",
     "pages_walked": "pages read: busy page ranges (segment heap), mapped pool-region pages (classic)",
-    "pages_unreadable": "pages of busy pool ranges the image holds no copy of (paged out, decommitted, or left "
-                        "out of the image); chunk headers on them could not be read",
+    "pages_unreadable": "pool pages the walk could not read: paged out, not in the image or unmapped (the three "
+                        "rows below); chunk headers on them could not be read",
+    "pages_paged_out": "of those, pages whose page table entry says where they went: the pagefile (which "
+                       "Volatility reads when given it), a prototype or a transition page" + _CLASSIC_CAUSES,
+    "pages_not_in_image": "of those, pages mapped to physical memory the image does not hold (a truncated image, "
+                          "or a dump that left them out)" + _CLASSIC_CAUSES,
+    "pages_unmapped": "of those, pages of busy segment heap ranges with no page at all (decommitted or never "
+                      "touched); N/A on classic pool, where nothing says which region pages should exist",
     "big_entries": "in-use big page table entries, live and freed",
     "vs_subsegments": "VS subsegments walked",
     "lfh_subsegments": "LFH subsegments walked",
@@ -174,7 +182,8 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             ),
             plugin_options.flag(
                 "coverage",
-                "View: how much of the pools the walk covered (heaps, segments, pages walked and unreadable)",
+                "View: how much of the pools the walk covered (heaps, segments, pages walked, pages unreadable "
+                "by cause: paged out, not in the image, unmapped)",
             ),
             plugin_options.flag(
                 "dump", "Write each listed chunk's bytes to <address>.<tag>.pool in the output directory"
@@ -229,8 +238,8 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         result = scan.scan_pools(kernel, progress=self._progress_callback)
         coverage = result.coverage
         if coverage.pages_unreadable:
-            vollog.info("%d pages of busy pool ranges are not in the image (decommitted or paged out; see "
-                        "--coverage): chunk headers on them could not be read", coverage.pages_unreadable)
+            vollog.info("%d pool pages could not be read (see --coverage for why): chunk headers on them could not "
+                        "be read", coverage.pages_unreadable)
         if result.findings and announce_problems:
             vollog.warning("%d problem(s) found in the pools; --validate lists them",
                            len(validate.validate(kernel, result)))
@@ -376,7 +385,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             if item.name == "seconds":
                 measures.append(("milliseconds", round(value * 1000)))
             else:
-                measures.append((item.name, int(value)))
+                measures.append((item.name, _int_or_absent(value)))
         for name, value in measures:
             yield 0, (name, value, _COVERAGE_MEANINGS.get(name, ""))
 

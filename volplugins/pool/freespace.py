@@ -23,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import Kernel
+from .kernel import Fields, Kernel
 from .model import FREED_STATES, Backing, Chunk, State
 from .poolheader import IN_USE_BIT, HeaderLayout, decode, header_layout
 from .tags import printable_tag
@@ -125,9 +126,11 @@ def stale_header_offset(data: bytes, layout: HeaderLayout, free_header_size: int
     (``sizeof(_HEAP_VS_CHUNK_FREE_HEADER)``: its chunk header and the free-tree node) is skipped.
     """
     unit = layout.unit
-    for offset in range(free_header_size, len(data) - unit + 1, unit):
-        header = decode(data, layout, offset)
-        if (header.previous_size == 0 and header.block_size and header.pool_type & IN_USE_BIT
-                and offset + header.block_size <= len(data) and printable_tag(header.tag)):
-            return offset
-    return None
+    offsets = np.arange(free_header_size, len(data) - unit + 1, unit, dtype=np.int64)
+    fields = Fields(data)
+    blocks = fields.field(offsets, layout.block_size).astype(np.int64) * unit
+    plausible = ((fields.field(offsets, layout.previous_size) == 0) & (blocks != 0)
+                 & (fields.field(offsets, layout.pool_type) & np.uint64(IN_USE_BIT) != 0)
+                 & (offsets + blocks <= len(data)))
+    return next((offset for offset in offsets[plausible].tolist()
+                 if printable_tag(decode(data, layout, offset).tag)), None)

@@ -9,7 +9,7 @@ from pathlib import Path
 from .bugchecks import BugCheckRequest, check_flavor, parse_bugcheck
 from .build import build_image
 from .crashdump import KINDS as DUMP_KINDS
-from .corruption import KINDS, parse_kinds
+from .corruption import KINDS, SEGMENT_HEAP_ONLY, parse_kinds
 from .flavors import FLAVORS
 from .poolfill import Fill, parse_fill
 from .snapshots import Leak, parse_leak
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                              "allocations of SIZE bytes (default 0x60), e.g. NfkR:400; repeatable")
     parser.add_argument("--corrupt", type=corrupt_argument, default=[], metavar="KIND[,KIND...]",
                         help="damage chunks after the build, recorded in the manifest: "
-                             f"{', '.join(KINDS)} (bad-vs-header needs a segment heap flavor)")
+                             f"{', '.join(KINDS)} ({' and '.join(SEGMENT_HEAP_ONLY)} need a segment heap flavor)")
     parser.add_argument("--crash-dump", choices=DUMP_KINDS, default=None,
                         help="also write the image as a 64-bit crash dump <name>.dmp: full (complete memory dump, "
                              "physical memory runs) or kernel (kernel memory dump, page bitmap)")
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a driver exhausted POOL (NonPaged or Paged): TAG's allocations fill it to PERCENT "
                              "(default 95) of the limit the kernel enforces, e.g. NonPaged:NfkR:95")
     args = parser.parse_args(argv)
-    if "bad-vs-header" in args.corrupt and not FLAVORS[args.flavor].segment_heap:
-        parser.error(f"--corrupt bad-vs-header needs a segment heap flavor; {args.flavor} has classic pool")
+    for kind in set(args.corrupt) & set(SEGMENT_HEAP_ONLY):
+        if not FLAVORS[args.flavor].segment_heap:
+            parser.error(f"--corrupt {kind} needs a segment heap flavor; {args.flavor} has classic pool")
     if args.bugcheck:
         try:
             check_flavor(args.bugcheck, FLAVORS[args.flavor].segment_heap)

@@ -18,6 +18,13 @@ structure has been written:
   ``Mm*`` pool bounds, Windows 10's ``MiState`` VA region table) overwritten
   with random bytes, as a smeared or half-paged-out image has it.  No chunk
   is damaged; a reader must find the pool pages without the bookkeeping.
+* ``smeared-heaps`` (segment heap only): the heap table of ``ExPoolState``
+  (every ``PoolNode[n].Heaps`` and ``SpecialHeaps`` slot, and its pointer to
+  ``RtlpHpHeapGlobals``) overwritten with random bytes, all but one heap's
+  slot; that heap keeps its slot and loses its segment lists instead (the
+  ``SegmentListHead`` of each ``SegContexts[k]``).  The heaps, their segments
+  and the lookaside lists stay intact: a reader must find the segments
+  without the lists that lead to them.
 
 Targets are chosen far apart (different pages, different VS subsegments) so
 one corruption cannot hide another, and with a random generator of their own
@@ -34,11 +41,13 @@ from typing import Callable, Sequence
 from .image import Image
 from .manifest import Allocation
 
-KINDS = ("overflow", "bad-size", "bad-vs-header", "bad-tag", "smeared-regions")
+KINDS = ("overflow", "bad-size", "bad-vs-header", "bad-tag", "smeared-regions", "smeared-heaps")
+SEGMENT_HEAP_ONLY = ("bad-vs-header", "smeared-heaps")
 # Variables that bound the pools on builds without MiState's VA region table.
 REGION_VARIABLES = ("MmNonPagedPoolStart", "MiNonPagedPoolStartAligned", "MiNonPagedPoolEnd",
                     "MmMaximumNonPagedPoolInBytes", "MmPagedPoolStart", "MmPagedPoolEnd", "MmSizeOfPagedPoolInBytes")
 VA_REGIONS = ("_MI_SYSTEM_INFORMATION", "Vs.SystemVaRegions")
+POOL_STATE = "_EX_POOL_HEAP_MANAGER_STATE"
 PAGE = 0x1000
 UNIT = 0x10  # x64 pool block and VS granule
 VS_HEADER = 0x10
@@ -80,11 +89,12 @@ def corrupt(image: Image, kinds: Sequence[str]) -> list[Corruption]:
         "bad-vs-header": _bad_vs_header,
         "bad-tag": _bad_tag,
         "smeared-regions": _smeared_regions,
+        "smeared-heaps": _smeared_heaps,
     }
     done = []
     for kind in parse_kinds(",".join(kinds)):
-        if kind == "bad-vs-header" and not image.flavor.segment_heap:
-            raise ValueError(f"bad-vs-header needs a segment heap flavor; {image.flavor.name} has classic pool")
+        if kind in SEGMENT_HEAP_ONLY and not image.flavor.segment_heap:
+            raise ValueError(f"{kind} needs a segment heap flavor; {image.flavor.name} has classic pool")
         done.append(appliers[kind](chooser))
     image.manifest.extras.setdefault("corruptions", []).extend(asdict(item) for item in done)
     return done
@@ -197,7 +207,37 @@ def _smeared_regions(chooser: _Chooser) -> Corruption:
     if image.types.has_symbol("MiState") and image.types.has_field(*VA_REGIONS):
         table = image.types.field(*VA_REGIONS)
         smeared.append(("MiState." + VA_REGIONS[1], image.symbol("MiState") + table.offset, table.size))
+    return _smear(chooser, "smeared-regions", smeared)
+
+
+def _smeared_heaps(chooser: _Chooser) -> Corruption:
+    image, types = chooser.image, chooser.image.types
+    state = image.symbol("ExPoolState")
+    slots = [("ExPoolState.HeapManager.Globals", state + types.offset(POOL_STATE, "HeapManager.Globals"), 8)]
+    nodes = types.field(POOL_STATE, "PoolNode").size // types.size("_EX_HEAP_POOL_NODE")
+    per_node = types.field("_EX_HEAP_POOL_NODE", "Heaps").size // 8
+    specials = types.field(POOL_STATE, "SpecialHeaps").size // 8
+    heap_slots = [(f"ExPoolState.PoolNode[{node}].Heaps[{index}]",
+                   state + types.offset(POOL_STATE, f"PoolNode[{node}].Heaps[{index}]"), 8)
+                  for node in range(nodes) for index in range(per_node)]
+    heap_slots += [(f"ExPoolState.SpecialHeaps[{index}]", state + types.offset(POOL_STATE, f"SpecialHeaps[{index}]"),
+                    8) for index in range(specials)]
+    heaps = [(name, address, int.from_bytes(image.space.read(address, 8), "little"))
+             for name, address, _ in heap_slots]
+    kept_name, _, kept = chooser.rng.choice([slot for slot in heaps if slot[2]])
+    contexts = types.field("_SEGMENT_HEAP", "SegContexts").size // types.size("_HEAP_SEG_CONTEXT")
+    lists = [(f"{kept_name}->SegContexts[{index}].SegmentListHead",
+              kept + types.offset("_SEGMENT_HEAP", f"SegContexts[{index}].SegmentListHead"),
+              types.field("_SEGMENT_HEAP", f"SegContexts[{index}].SegmentListHead").size) for index in range(contexts)]
+    smeared = slots + [slot for slot in heap_slots if slot[0] != kept_name] + lists
+    return _smear(chooser, "smeared-heaps", smeared)
+
+
+def _smear(chooser: _Chooser, kind: str, smeared: list[tuple[str, int, int]]) -> Corruption:
+    """Random bytes over each (name, address, size); named as a list, or by count for a long one."""
     for _, address, size in smeared:
-        image.space.write(address, bytes(chooser.rng.getrandbits(8) for _ in range(size)))
+        chooser.image.space.write(address, bytes(chooser.rng.getrandbits(8) for _ in range(size)))
     where = min(address for _, address, _ in smeared)
-    return Corruption("smeared-regions", where, 0, "random bytes over " + ", ".join(name for name, _, _ in smeared))
+    names = [name for name, _, _ in smeared]
+    shown = ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:4])} and {len(names) - 4} more"
+    return Corruption(kind, where, 0, "random bytes over " + shown)

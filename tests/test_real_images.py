@@ -5,23 +5,29 @@ chains.
   chunk: those pages start mid-page, and every chunk on them is named exactly.
 * With the pool region bookkeeping smeared, the pages themselves say which are pool: every allocation is
   still listed and named, marked as found by page validation, and ``--coverage`` counts the pages.
+* With the segment heap's lists smeared (``ExPoolState``'s heap table, a heap's segment lists), segments are
+  found by their own signatures: every allocation is still listed and named, marked, and counted.
 * A PreviousSize that breaks a page's chain hides nothing after it: owners past the break are named, marked.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+from collections import Counter
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from conftest import FLAVORS
+from conftest import FLAVORS, Sample
+from volrun import raw_tag_text
 from samples.build import build_image
 from samples.flavors import FLAVORS as FLAVOR_SPECS
 from test_poolcensus import DEFAULTS
+from test_partial_symbols import _module_without
 from volplugins.pool import classic, owner
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tags import tag_text
@@ -30,6 +36,7 @@ from volrun import VolSession, raw_tag_text
 CENSUS = "windows.poolcensus.PoolCensus"
 OWNER = "windows.poolowner.PoolOwner"
 CLASSIC = [flavor for flavor in FLAVORS if not FLAVOR_SPECS[flavor].segment_heap]
+SEGMENT_HEAP = [flavor for flavor in FLAVORS if FLAVOR_SPECS[flavor].segment_heap]
 WITH_TAILS = [flavor for flavor in CLASSIC if FLAVOR_SPECS[flavor].big_pool_tails]
 PAGE = 0x1000
 WINDOWS_10 = 10240  # the first Windows 10 build
@@ -91,10 +98,45 @@ def _fixed_region(flavor: str, allocation: dict) -> bool:
     return FLAVOR_SPECS[flavor].build < WINDOWS_10 and allocation["pool"] == "Session"
 
 
+@pytest.mark.parametrize("flavor", SEGMENT_HEAP)
+def test_without_heap_lists_segments_are_validated(tmp_path, flavor):
+    built = build_image(flavor, seed=3, size=32 << 20, out_dir=tmp_path, chunks=1500, corrupt=["smeared-heaps"])
+    manifest = _manifest(built.manifest_path)
+    session = VolSession(built.image_path, tmp_path / "cache")
+    rows = [r for r in session.rows(CENSUS, **DEFAULTS) if r["Address"] is not None]
+    listed = Counter((r["Address"], r["Size"], raw_tag_text(r), r["State"], r["Backing"]) for r in rows)
+    expected = Counter((a["address"], a["size"], a["tag"], a["state"], a["backing"]) for a in manifest["allocations"])
+    assert listed == expected
+    in_segments = {a["address"] for a in manifest["allocations"] if a["backing"] in ("VS", "LFH")}
+    assert {r["Region"] for r in rows if r["Address"] in in_segments} == {classic.FOUND_BY_VALIDATION}
+    assert all(r["Region"] == classic.FOUND_BY_VALIDATION or r["Backing"] in ("Big", "Large") for r in rows)
+    coverage = {r["Measure"]: r["Value"] for r in session.rows(CENSUS, **(DEFAULTS | {"coverage": True}))}
+    assert coverage["heaps"] == 1 and coverage["segments_validated"] == coverage["segments"] > 0
+    sampled = random.Random(3).sample([a for a in manifest["allocations"] if a["address"] in in_segments
+                                       and a["state"] == "Allocated"], 25)
+    answers = session.rows(OWNER, address=[hex(a["address"] + a["size"] // 2) for a in sampled])
+    starred = [r for r in answers if r["Owner"] == "*"]
+    assert [(r["Chunk"], r["Size"], raw_tag_text(r)) for r in starred] \
+        == [(a["address"], a["size"], a["tag"]) for a in sampled]
+    assert all(r["Note"].endswith(classic.FOUND_BY_VALIDATION) for r in starred)
+
+
+def test_without_heap_lists_or_heap_keys_the_segment_heap_is_given_up_with_one_warning(tmp_path, caplog):
+    built = build_image("win10-19041", seed=3, size=32 << 20, out_dir=tmp_path, chunks=1500, corrupt=["smeared-heaps"])
+    sample = Sample("win10-19041", built.image_path, built.manifest_path, tmp_path / "cache")
+    module = _module_without(sample, tmp_path / "symbols", "symbols", "RtlpHpHeapGlobals")
+    with caplog.at_level(logging.WARNING):
+        rows = [r for r in sample.session.rows(CENSUS, **(DEFAULTS | {"kernel": module})) if r["Address"] is not None]
+    assert rows and {r["Backing"] for r in rows} <= {"Big", "Large"}
+    warned = [record.getMessage() for record in caplog.records if "segment heap keys" in record.getMessage()]
+    assert len(warned) == 1 and "RtlpHpHeapGlobals" in warned[0]
+
+
 def test_clean_images_need_no_page_validation(samples):
-    for flavor in CLASSIC:
+    for flavor in FLAVORS:
         rows = samples[flavor].session.rows(CENSUS, **(DEFAULTS | {"coverage": True}))
-        assert {r["Measure"]: r["Value"] for r in rows}["pages_validated"] == 0
+        measures = {r["Measure"]: r["Value"] for r in rows}
+        assert measures["pages_validated"] == measures["segments_validated"] == 0
 
 
 @pytest.mark.parametrize("flavor", CLASSIC)

@@ -4,7 +4,7 @@ grouped under the free-space summary of their region and backing."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import classic, freespace, regions
@@ -17,20 +17,22 @@ _FILENAME_SAFE = re.compile(rb"[A-Za-z0-9_-]")
 SUMMARY = "Listed"  # how the listing's closing rows (no Address: counts per state and backing) start
 
 
-def region_names(kernel: Kernel, chunks: Iterable[Chunk], validated: bool = False) -> dict[int, str]:
+def region_names(kernel: Kernel, chunks: Iterable[Chunk],
+                 found_by_validation: Callable[[int], bool] = lambda address: False) -> dict[int, str]:
     """Region name per chunk address (one lookup per page: chunks of a page share their region).
 
-    When the scan had to take pages for pool on their own chains (``validated``: no usable region
-    bookkeeping), classic page chunks outside every known region say so instead of naming no region."""
+    Chunks the scan found by page validation (no usable bookkeeping led to them) say so instead of naming
+    their region."""
     by_page: dict[int, str] = {}
     names = {}
     page_mask = ~(kernel.page_size - 1)
     for chunk in chunks:
+        if found_by_validation(chunk.address):
+            names[chunk.address] = classic.FOUND_BY_VALIDATION
+            continue
         page = chunk.address & page_mask
         if page not in by_page:
             by_page[page] = regions.classify(kernel, chunk.address).name
-            if validated and by_page[page] == regions.UNKNOWN_KERNEL and chunk.backing is Backing.PAGE:
-                by_page[page] = classic.FOUND_BY_VALIDATION
         names[chunk.address] = by_page[page]
     return names
 

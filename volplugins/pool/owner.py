@@ -92,7 +92,8 @@ def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnsw
     if result.owner is None:
         reason = result.findings[0].reason if result.findings else "no segment heap chunk holds this address"
         return OwnerAnswer(address, region, result.chunks, None, result.findings, reason=f"{NOT_POOL}: {reason}")
-    return OwnerAnswer(address, region, result.chunks, result.owner, result.findings)
+    caveat = classic.FOUND_BY_VALIDATION if result.validated else ""
+    return OwnerAnswer(address, region, result.chunks, result.owner, result.findings, caveat=caveat)
 
 
 def _classic_answer(kernel: Kernel, address: int, region: regions.RegionAnswer) -> OwnerAnswer:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from volatility3.framework import exceptions
 
-from . import bigchunks, bigpages, classic, poolheader, regions, segheap, translate
+from . import bigchunks, bigpages, classic, poolheader, segheap, translate
+from . import spans as pool_spans
 from .census import CensusRow, Tally, census
 from .kernel import PAGE_SIZE, SYMBOLS_MISSING, Fields, Kernel
 from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
@@ -39,7 +40,6 @@ Progress = Callable[[float, str], None]
 
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
 _WALK_STOPS = (*SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
-_SKIPPED_REGIONS = ("Special pool",)  # one allocation per page at the page's end: no chunk chain to walk
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Coverage:
     whole_ranges: int = 0  # segment page ranges allocated as one block
     classic_pages: int = 0  # pages whose chunk chain covers the page exactly
     pages_validated: int = 0  # of those, pages taken for pool on their own chain alone (no region bookkeeping)
+    segments_validated: int = 0  # segments on no heap list, taken for pool on their own signatures
     pages_not_pool: int = 0  # mapped pool-region pages that hold no chunk chain (other data, big allocations)
     bytes_read: int = 0
     seconds: float = 0.0
@@ -79,17 +80,25 @@ class PoolScan:
     chunks: list[Chunk] = field(default_factory=list)  # address order, no duplicates
     findings: list[Finding] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
+    # Address order: [start, end) spans whose chunks were found by page validation (pages or page ranges).
+    validated: list[tuple[int, int]] = field(default_factory=list)
+
+    def found_by_validation(self, address: int) -> bool:
+        """Whether the chunk at ``address`` was found by page validation rather than through bookkeeping."""
+        position = bisect.bisect_right(self.validated, (address, 1 << 64)) - 1
+        return position >= 0 and address < self.validated[position][1]
 
 
 def scan_pools(kernel: Kernel, progress: Progress | None = None) -> PoolScan:
     """Every chunk of every pool, sorted by address, with the problems met and the coverage reached."""
     result = PoolScan()
-    for batch in _batches(kernel, progress, result.coverage):
+    for batch in _batches(kernel, progress, result.coverage, result.validated):
         walked = [item for item in batch if item.__class__ is Chunk]
         result.chunks.extend(walked)
         if len(walked) != len(batch):
             result.findings.extend(item for item in batch if item.__class__ is not Chunk)
     result.chunks.sort(key=_address)
+    result.validated.sort()
     return result
 
 
@@ -142,7 +151,8 @@ def _address(chunk: Chunk) -> int:
     return chunk.address
 
 
-def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> Iterator[list[Chunk | Finding]]:
+def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage,
+             validated: list[tuple[int, int]] | None = None) -> Iterator[list[Chunk | Finding]]:
     """What :func:`iter_chunks` yields, a segment or a block of pages at a time: a whole-pool walk makes a
     hundred thousand chunks, and a generator step for each one costs more than decoding it."""
     report = progress or (lambda percent, message: None)
@@ -154,7 +164,7 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> I
     sizes: list[int] = []
     try:
         walk = _segment_heap if kernel.uses_segment_heap else _classic_pool
-        for batch in walk(kernel, table, coverage, report):
+        for batch in walk(kernel, table, coverage, report, [] if validated is None else validated):
             walked = [item for item in batch if item.__class__ is Chunk]
             starts.extend([chunk.address for chunk in walked])
             sizes.extend([chunk.size for chunk in walked])
@@ -172,20 +182,23 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage) -> I
 # --------------------------------------------------------------------------- segment heap
 
 
-def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage,
-                  report: Progress) -> Iterator[list[Chunk | Finding]]:
+def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage, report: Progress,
+                  validated: list[tuple[int, int]]) -> Iterator[list[Chunk | Finding]]:
+    """Every segment the heap lists lead to; when they do not lead everywhere, then every other segment whose
+    own signature validates (its ranges recorded in ``validated``)."""
     keys = segheap.heap_keys(kernel)
     if isinstance(keys, Finding):
         yield [keys]
         return
     problem = segheap.layout_problem(kernel)
     if problem:
-        yield [Finding(kernel.symbol_address("ExPoolState"), problem)]
+        yield [Finding(_pool_state(kernel), problem)]
         return
-    cached = segheap.cached_free_addresses(kernel)
-    live_big = {a.va: a for a in table.allocations if not a.free}
     coverage.pages_paged_out = coverage.pages_not_in_image = coverage.pages_unmapped = 0  # every cause, any layer
+    walker = _SegmentWalker(kernel, keys, segheap.cached_free_addresses(kernel),
+                            {a.va: a for a in table.allocations if not a.free}, coverage)
     heaps = segheap.pool_heaps(kernel)
+    walked: set[int] = set()
     for number, heap in enumerate(heaps):
         if isinstance(heap, Finding):
             yield [heap]
@@ -196,27 +209,59 @@ def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
             if isinstance(segment, Finding):
                 yield [segment]
                 continue
-            coverage.segments += 1
-            done = 95.0 * (number + position / len(found)) / len(heaps)
-            report(done, f"{heap.pool} heap {heap.address:#x}: segment {segment.address:#x}")
-            batch: list[Chunk | Finding] = []
-            try:
-                _segment_chunks(kernel, segment, keys, cached, live_big, coverage, batch)
-            except _WALK_STOPS:
-                yield batch
-                raise
+            walked.add(segment.address)
+            report(95.0 * (number + position / len(found)) / len(heaps),
+                   f"{heap.pool} heap {heap.address:#x}: segment {segment.address:#x}")
+            yield from walker.walk(segment)
+    if segheap.listed(kernel).complete:
+        return
+    report(95.0, "Segments found by page validation")
+    for segment in segheap.validated_segments(kernel, keys.heap_key):
+        if segment.address not in walked:
+            coverage.segments_validated += 1
+            yield from walker.walk(segment, validated)
+
+
+def _pool_state(kernel: Kernel) -> int:
+    return kernel.symbol_address("ExPoolState") if kernel.has_symbol("ExPoolState") else 0
+
+
+@dataclass
+class _SegmentWalker:
+    """What walking one segment needs, fixed for one scan."""
+
+    kernel: Kernel
+    keys: segheap.HeapKeys
+    cached: frozenset[int]
+    live_big: dict[int, bigpages.BigAllocation]
+    coverage: Coverage
+
+    def walk(self, segment: segheap.Segment,
+             validated: list[tuple[int, int]] | None = None) -> Iterator[list[Chunk | Finding]]:
+        """The segment's chunks and findings as one batch; the spans of its busy ranges go to ``validated``."""
+        self.coverage.segments += 1
+        batch: list[Chunk | Finding] = []
+        try:
+            _segment_chunks(self.kernel, segment, self.keys, self.cached, self.live_big, self.coverage, batch,
+                            validated)
+        except _WALK_STOPS:
             yield batch
+            raise
+        yield batch
 
 
 def _segment_chunks(kernel: Kernel, segment: segheap.Segment, keys: segheap.HeapKeys, cached: frozenset[int],
                     live_big: dict[int, bigpages.BigAllocation], coverage: Coverage,
-                    out: list[Chunk | Finding]) -> None:
-    """Append the segment's chunks and findings to ``out``, in address order."""
+                    out: list[Chunk | Finding], validated: list[tuple[int, int]] | None = None) -> None:
+    """Append the segment's chunks and findings to ``out``, in address order; the span of each busy range to
+    ``validated`` when given."""
     for page_range in segheap.page_ranges(kernel, segment):
         if isinstance(page_range, Finding):
             out.append(page_range)
             continue
         _count_range(page_range.kind, coverage)
+        if validated is not None:
+            validated.append((page_range.address, page_range.address + page_range.size))
         data, pages = _read_range(kernel, page_range.address, page_range.size, coverage)
         for item in segheap.range_chunks(kernel, page_range, keys, cached, pages, data):
             if item.__class__ is Chunk and not item.tag and _headerless(item):
@@ -341,33 +386,6 @@ def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> byte
 
 
 @dataclass(frozen=True)
-class _Span:
-    start: int
-    end: int
-    pool: str
-    name: str
-
-
-def _pool_spans(kernel: Kernel) -> list[_Span]:
-    """Pool regions cut so that no VA is walked twice; a VA in nested regions goes to the smallest."""
-    chosen: list[_Span] = []
-    candidates = [r for r in regions.kernel_regions(kernel)
-                  if r.pool is not None and not r.name.startswith(_SKIPPED_REGIONS)]
-    for region in sorted(candidates, key=lambda r: r.size):
-        pieces = [(region.start, region.end)]
-        for taken in chosen:
-            pieces = [part for lo, hi in pieces for part in _subtract(lo, hi, taken.start, taken.end)]
-        chosen += [_Span(lo, hi, region.pool, region.name) for lo, hi in pieces]
-    return sorted(chosen, key=lambda span: span.start)
-
-
-def _subtract(lo: int, hi: int, cut_lo: int, cut_hi: int) -> list[tuple[int, int]]:
-    if cut_hi <= lo or cut_lo >= hi:
-        return [(lo, hi)]
-    return [(a, b) for a, b in ((lo, cut_lo), (cut_hi, hi)) if a < b]
-
-
-@dataclass(frozen=True)
 class _ClassicDecoder:
     """What decoding classic pages needs, fixed for one kernel."""
 
@@ -388,21 +406,22 @@ class _ClassicDecoder:
         return name
 
 
-def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage,
-                  report: Progress) -> Iterator[list[Chunk | Finding]]:
+def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage, report: Progress,
+                  validated: list[tuple[int, int]]) -> Iterator[list[Chunk | Finding]]:
+    """The pool pages of every span; pages of the validation spans whose own chain validates go to
+    ``validated``."""
     decoder = _ClassicDecoder.of(kernel)
     live = sorted((a.va, a.end) for a in table.allocations if not a.free and a.size > 0)
     big_starts = np.array([start for start, _ in live], dtype=np.uint64)
     big_reach = np.maximum.accumulate(np.array([end for _, end in live] or [0], dtype=np.uint64))
-    spans = _pool_spans(kernel)
-    spans = sorted(spans + _validation_spans(kernel, spans), key=lambda span: span.start)
+    spans = pool_spans.with_validation(kernel)
     total = sum(span.end - span.start for span in spans) or 1
     done = 0
     tables = translate.page_tables(kernel.context, kernel.layer_name)
     if tables is not None:
         coverage.pages_paged_out = coverage.pages_not_in_image = 0
     for span in spans:
-        validating = span.name == classic.FOUND_BY_VALIDATION
+        validating = span.validating
         if tables is not None and not validating:
             _count_missing_in_region(tables, span, coverage)
         for offset, length, data in _mapped_runs(kernel, span.start, span.end - span.start, coverage):
@@ -423,11 +442,12 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
                 raise
             if validating:
                 coverage.pages_validated += coverage.classic_pages - before
+                validated.extend(_pages_of(batch, decoder.page_size))
             yield batch
         done += span.end - span.start
 
 
-def _count_missing_in_region(tables: translate.PageTables, span: _Span, coverage: Coverage) -> None:
+def _count_missing_in_region(tables: translate.PageTables, span: pool_spans.Span, coverage: Coverage) -> None:
     """Pages of a pool region that are paged out or not in the image.
 
     Counted only where the page tables are read in bulk: page by page, a region of gigabytes would cost a
@@ -437,33 +457,10 @@ def _count_missing_in_region(tables: translate.PageTables, span: _Span, coverage
     coverage.add_missing(replace(found, unmapped=0))
 
 
-def _validation_spans(kernel: Kernel, known: list[_Span]) -> list[_Span]:
-    """Where pool may be when the region bookkeeping does not name both the nonpaged and the paged pool (its
-    variables paged out, smeared or missing from the symbols): the rest of the kernel half of the address
-    space, less the page tables' own window.  Only mapped pages are read, and only those whose own chain
-    validates are taken for pool."""
-    if {"NonPaged", "Paged"} <= {span.pool for span in known}:
-        return []
-    pieces = [(regions.kernel_half_start(kernel), 1 << 64)]
-    for start, end in [(span.start, span.end) for span in known] + _self_map(kernel):
-        pieces = [part for lo, hi in pieces for part in _subtract(lo, hi, start, end)]
-    return [_Span(lo, hi, "", classic.FOUND_BY_VALIDATION) for lo, hi in pieces]
-
-
-def _self_map(kernel: Kernel) -> list[tuple[int, int]]:
-    """The window where a four-level x64 kernel maps its own page tables: the top-level slot whose entry
-    points back at the top-level table; nothing for other layers."""
-    config = kernel.layer.config
-    table, below = config.get("page_map_offset"), config.get("memory_layer")
-    slot_bits = regions.DEFAULT_VA_BITS - 9
-    try:
-        entries = np.frombuffer(kernel.context.layers[below].read(table, 8 * 512), dtype="<u8")
-    except (KeyError, TypeError, exceptions.InvalidAddressException):
-        return []
-    frames = entries & np.uint64(0x000F_FFFF_FFFF_F000)
-    slots = np.flatnonzero((entries & np.uint64(1)).astype(bool) & (frames == np.uint64(table)))
-    top = (1 << 64) - (1 << regions.DEFAULT_VA_BITS)
-    return [(top + (int(slot) << slot_bits), top + ((int(slot) + 1) << slot_bits)) for slot in slots if slot >= 256]
+def _pages_of(batch: list[Chunk | Finding], page_size: int) -> list[tuple[int, int]]:
+    """The pages the chunks of a batch lie on, as [start, end) spans."""
+    pages = sorted({item.address & ~(page_size - 1) for item in batch if item.__class__ is Chunk})
+    return [(page, page + page_size) for page in pages]
 
 
 def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,

@@ -117,6 +117,8 @@ _COVERAGE_MEANINGS = {
     "classic_pages": "classic pool pages whose chunk chain covers the page exactly",
     "pages_validated": "of those, pages taken for pool on their own chain alone, with no usable region "
                        "bookkeeping to go by (their chunks say 'found by page validation')",
+    "segments_validated": "segment heap segments no heap list leads to, taken for pool on their own signatures "
+                          "(their chunks say 'found by page validation')",
     "pages_not_pool": "mapped pages of the pool regions that hold no chunk chain (other data, big allocations)",
     "bytes_read": "bytes read from the image",
     "milliseconds": "time the walk took",
@@ -255,7 +257,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _chunk_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
         result = self._scan(kernel)
-        regions_of = listing.region_names(kernel, result.chunks, bool(result.coverage.pages_validated))
+        regions_of = listing.region_names(kernel, result.chunks, result.found_by_validation)
         self._check_region(wanted, regions_of.values())
         dump = bool(self.config.get("dump"))
         listed: list[Chunk] = []
@@ -325,7 +327,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
     def _free_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         tags = self._tags()
         result = self._scan(kernel)
-        regions_of = listing.region_names(kernel, result.chunks, bool(result.coverage.pages_validated))
+        regions_of = listing.region_names(kernel, result.chunks, result.found_by_validation)
         self._check_region(wanted, regions_of.values())
         absent = renderers.NotApplicableValue()
         for summary, members in listing.free_space(kernel, result.chunks, regions_of, wanted):
@@ -346,7 +348,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
 
     def _carve_rows(self, kernel: Kernel, wanted: ChunkFilter) -> Iterator[tuple[int, tuple]]:
         result = self._scan(kernel)
-        regions_of = listing.region_names(kernel, result.chunks, bool(result.coverage.pages_validated))
+        regions_of = listing.region_names(kernel, result.chunks, result.found_by_validation)
         self._check_region(wanted, regions_of.values())
         searched = dataclasses.replace(wanted, state=None)
         chosen = [chunk for chunk in result.chunks if searched.matches(chunk, regions_of[chunk.address])]

@@ -13,6 +13,7 @@ Chain of ownership used throughout: ``ExPoolState.PoolNode[i].Heaps[j]`` -> ``_S
 * ``segments``: segments and the page ranges of their descriptor arrays;
 * ``chunks``: what the chunk walks share; ``vs``, ``lfh``: the two subsegment walks;
 * ``ranges``: every chunk of one page range; ``owner``: from an address to the chunks of its page;
+* ``validation``: segments found by their own signatures when the heap lists do not lead to them;
 * ``recognise``: whether the image's build uses signature and key constants this library knows.
 """
 
@@ -38,13 +39,14 @@ from .ranges import range_chunks
 from .recognise import layout_problem
 from .segments import PageRange, SegContext, Segment, big_backing, large_allocation_threshold, page_ranges, \
     seg_contexts, segments
+from .validation import listed, validated_segments
 from .vs import vs_chunks
 
 __all__ = [
     "HeapKeys", "OwnerResult", "PageRange", "PoolHeap", "RangeKind", "SegContext", "SegHeapLayout", "Segment",
     "VsHeader", "big_backing", "cached_free_addresses", "classify_range", "decode_lfh_offsets", "decode_vs_header",
     "find_owner_chunks", "heap_keys", "large_allocation_threshold", "layout_problem", "lfh_block_allocated",
-    "lfh_blocks",
+    "lfh_blocks", "listed", "validated_segments",
     "page_ranges", "pool_heaps", "range_chunks", "seg_contexts", "segment_context_of", "segment_signature_ok",
     "segments", "vs_block_has_pool_header", "vs_chunks", "vs_free_tag", "vs_pool_header_address",
     "vs_subsegment_signature_ok",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ SEGMENT_HEAP_SIGNATURE = 0xDDEEDDEE
 HEAP_POOL_NAMES = ("NonPaged", "NonPagedNx", "Paged", "Paged")  # by index in PoolNode[i].Heaps / SpecialHeaps
 MAX_SLIST_ENTRIES = 1 << 12  # per lookaside / delay-free list
 
+vollog = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class HeapKeys:
@@ -21,8 +24,18 @@ class HeapKeys:
     lfh_key: int
 
 
+@per_kernel
 def heap_keys(kernel: Kernel) -> HeapKeys | Finding:
-    """``RtlpHpHeapGlobals.{HeapKey, LfhKey}``; found through ``ExPoolState.HeapManager.Globals`` when unnamed."""
+    """``RtlpHpHeapGlobals.{HeapKey, LfhKey}`` (read once per kernel).  Every segment heap header is encoded with
+    them: without them no segment heap chunk can be read, which one warning says."""
+    keys = _heap_keys(kernel)
+    if isinstance(keys, Finding):
+        vollog.warning("segment heap keys unreadable (%s): no segment heap chunk can be decoded", keys.reason)
+    return keys
+
+
+def _heap_keys(kernel: Kernel) -> HeapKeys | Finding:
+    """Found through ``ExPoolState.HeapManager.Globals`` when ``RtlpHpHeapGlobals`` is unnamed."""
     globals_type = "_RTLP_HP_HEAP_GLOBALS"
     try:
         if kernel.has_symbol("RtlpHpHeapGlobals"):

@@ -8,12 +8,12 @@ from ..kernel import Kernel, page_base, per_kernel
 from ..model import Chunk, Finding
 from .chunks import Walk, whole_range
 from .decoders import RangeKind
-from .heaps import HeapKeys, PoolHeap, cached_free_addresses, heap_keys, pool_heaps
+from .heaps import HeapKeys, PoolHeap, cached_free_addresses, heap_keys
 from .layout import SYMBOLS_MISSING
 from .lfh import lfh_walk
 from .reads import read_field
-from .segments import (Descriptors, PageRange, SegContext, Segment, range_of, read_descriptors, seg_contexts,
-                       signature_owner)
+from .segments import Descriptors, PageRange, Segment, range_of, read_descriptors, signature_owner
+from .validation import listed, listed_contexts, segment_holding
 from .vs import vs_walk
 
 
@@ -28,20 +28,18 @@ class OwnerResult:
     chunks: tuple[Chunk, ...] = ()
     owner: Chunk | None = None
     findings: tuple[Finding, ...] = ()
+    validated: bool = False  # the segment is on no heap list: found by its own signature
 
 
 @per_kernel
-def _segment_contexts(kernel: Kernel) -> tuple[dict[int, SegContext], tuple[int, ...]]:
-    """Every segment context of the pool heaps, and their segment masks: the same for every lookup."""
-    contexts: dict[int, SegContext] = {}
-    for heap in pool_heaps(kernel):
-        if isinstance(heap, PoolHeap):
-            contexts.update((c.address, c) for c in seg_contexts(kernel, heap) if isinstance(c, SegContext))
-    return contexts, tuple(sorted({c.segment_mask for c in contexts.values()}))
+def _masks(kernel: Kernel) -> tuple[int, ...]:
+    return tuple(sorted({context.segment_mask for context in listed_contexts(kernel).values()}))
 
 
 def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | None:
-    contexts, masks = _segment_contexts(kernel)
+    """The segment holding ``address`` whose signature names one of the listed contexts, else a segment found by
+    its signature alone when the heap lists are incomplete."""
+    contexts, masks = listed_contexts(kernel), _masks(kernel)
     for mask in masks:
         segment = address & mask
         signature = read_field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
@@ -50,7 +48,7 @@ def _owning_segment(kernel: Kernel, address: int, heap_key: int) -> Segment | No
         context = signature_owner(signature, segment, heap_key, contexts)
         if context is not None and context.segment_mask == mask:
             return Segment(segment, context)
-    return None
+    return segment_holding(kernel, address)
 
 
 @per_kernel
@@ -96,16 +94,17 @@ def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | No
     if segment is None:
         return OwnerResult(address, findings=(Finding(address, "not inside a pool segment heap segment"),))
     heap = segment.context.heap
+    validated = segment.address not in listed(kernel).segments
     descriptors = _descriptors(kernel, segment)
     if isinstance(descriptors, Finding):
-        return OwnerResult(address, heap, segment, findings=(descriptors,))
+        return OwnerResult(address, heap, segment, findings=(descriptors,), validated=validated)
     page_range = range_of(segment, descriptors, address)
     if isinstance(page_range, Finding):
-        return OwnerResult(address, heap, segment, findings=(page_range,))
+        return OwnerResult(address, heap, segment, findings=(page_range,), validated=validated)
     cached = cached_free_addresses(kernel) if cached is None else cached
     if page_range.kind is RangeKind.LARGE:
         owner = whole_range(Walk.of(kernel, heap.pool, cached), page_range)
-        return OwnerResult(address, heap, segment, page_range, (owner,), owner)
+        return OwnerResult(address, heap, segment, page_range, (owner,), owner, validated=validated)
     page = page_base(address)
     chunks: list[Chunk] = []
     findings: list[Finding] = []
@@ -119,4 +118,4 @@ def _find_owner_chunks(kernel: Kernel, address: int, cached: frozenset[int] | No
             owner = item
         if holds or page_base(item.address) == page:
             chunks.append(item)
-    return OwnerResult(address, heap, segment, page_range, tuple(chunks), owner, tuple(findings))
+    return OwnerResult(address, heap, segment, page_range, tuple(chunks), owner, tuple(findings), validated)

@@ -20,6 +20,7 @@ from .layout import SYMBOLS_MISSING, SegHeapLayout, layout_of
 from .lfh import plausible_lfh_offsets
 from .reads import read_field
 from .segments import SIGNATURE_MISMATCH, PageRange, Segment, page_ranges, segments
+from .validation import validated_segments
 
 SAMPLED = 16  # structures of each kind looked at
 
@@ -42,8 +43,6 @@ def _problems(kernel: Kernel) -> list[str]:
         return []
     found = pool_heaps(kernel)
     heaps = [heap for heap in found if isinstance(heap, PoolHeap)]
-    if not heaps:
-        return ["no heap under ExPoolState carries the _SEGMENT_HEAP signature"] if found else []
     good: list[Segment] = []
     mismatched = 0
     for heap in heaps:
@@ -51,6 +50,10 @@ def _problems(kernel: Kernel) -> list[str]:
             if isinstance(item, Segment):
                 good.append(item)
             mismatched += isinstance(item, Finding) and item.reason == SIGNATURE_MISMATCH
+    if not good:
+        good = list(validated_segments(kernel, keys.heap_key)[:SAMPLED])
+    if not good and not heaps:
+        return ["no heap under ExPoolState carries the _SEGMENT_HEAP signature"] if found else []
     if not good:
         return ["no _HEAP_PAGE_SEGMENT signature decodes with a known key"] if mismatched else []
     ranges = [r for segment in good[:SAMPLED] for r in page_ranges(kernel, segment) if isinstance(r, PageRange)]

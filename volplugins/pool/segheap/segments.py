@@ -16,6 +16,7 @@ DESCRIPTOR_SIGNATURE = 0xCCDDCCDD  # _HEAP_PAGE_RANGE_DESCRIPTOR.TreeSignature o
 MAX_SEGMENTS = 1 << 16  # per segment context (64 GiB of 1 MiB segments): a bound, not a Windows limit
 MAX_RANGE_HOPS = 4  # UnitOffset links followed back to the first descriptor of a range
 SIGNATURE_MISMATCH = "_HEAP_PAGE_SEGMENT signature does not name its context"
+MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Segment:
 
     @property
     def size(self) -> int:
-        return (~self.context.segment_mask & 0xFFFFFFFFFFFFFFFF) + 1
+        return (~self.context.segment_mask & MASK64) + 1
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,15 @@ def _seg_contexts(kernel: Kernel, heap: PoolHeap) -> list[SegContext | Finding]:
     return out
 
 
+def context_addresses(signature: int, segment: int, heap_key: int) -> tuple[int, ...]:
+    """The context addresses a segment signature can name: one per key constant (the constant is zero from 26100)."""
+    return tuple(segment_context_of(signature, segment, heap_key, constant) for constant in (PAGE_SEGMENT_KEY, 0))
+
+
 def signature_owner(signature: int, segment: int, heap_key: int, contexts: dict[int, SegContext]) -> SegContext | None:
-    """The context a segment signature names; both key constants are tried (the constant is zero from 26100)."""
-    for constant in (PAGE_SEGMENT_KEY, 0):
-        found = contexts.get(segment_context_of(signature, segment, heap_key, constant))
+    """The context among ``contexts`` a segment signature names."""
+    for address in context_addresses(signature, segment, heap_key):
+        found = contexts.get(address)
         if found is not None:
             return found
     return None
@@ -135,7 +141,7 @@ def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Ite
                 continue
             segment = entry - link_offset
             signature = read_field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
-            if segment & ~context.segment_mask & 0xFFFFFFFFFFFFFFFF:
+            if segment & ~context.segment_mask & MASK64:
                 yield Finding(segment, "segment not aligned to its context's SegmentMask")
             elif signature is None or not signature_owner(signature, segment, heap_key, {context.address: context}):
                 yield Finding(segment, SIGNATURE_MISMATCH)

@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fill-pool", type=fill_argument, default=None, metavar="POOL:TAG[:PERCENT]",
                         help="a driver exhausted POOL (NonPaged or Paged): TAG's allocations fill it to PERCENT "
                              "(default 95) of the limit the kernel enforces, e.g. NonPaged:NfkR:95")
+    parser.add_argument("--big-pool-tails", action="store_true",
+                        help="classic pool: big allocations below 64 KiB end on a 16-byte boundary and return the "
+                             "rest of their last page behind a 'Frag' chunk, whatever the flavor's build does "
+                             "(win10-1809 does it by default)")
     args = parser.parse_args(argv)
     for kind in set(args.corrupt) & set(SEGMENT_HEAP_ONLY):
         if not FLAVORS[args.flavor].segment_heap:
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     crash_dump = args.crash_dump or ("full" if args.bugcheck else None)
     try:
         result = build_image(args.flavor, args.seed, args.size, args.out, chunks=args.chunks, leaks=args.leak,
-                             corrupt=args.corrupt, bugcheck=args.bugcheck, crash_dump=crash_dump, fill=args.fill_pool)
+                             corrupt=args.corrupt, bugcheck=args.bugcheck, crash_dump=crash_dump, fill=args.fill_pool,
+                             big_pool_tails=args.big_pool_tails)
     except ValueError as error:
         parser.error(str(error))
     print(f"image    {result.image_path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def default_chunks(size: int) -> int:
 def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunks: int | None = None,
                 leaks: Sequence[Leak] = (), corrupt: Sequence[str] = (),
                 bugcheck: bugchecks.BugCheckRequest | None = None, crash_dump: str | None = None,
-                fill: poolfill.Fill | None = None) -> BuildResult:
+                fill: poolfill.Fill | None = None, big_pool_tails: bool = False) -> BuildResult:
     """Build ``<flavor>-seed<seed>.raw`` and its manifest in ``out_dir``; ``chunks`` defaults to scale with ``size``.
 
     ``flavor`` is a flavor's name or a :class:`Flavor` (such as a build no flavor models, see unseen.py).
@@ -90,9 +91,11 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
     saved as ``...-bugcheck-<code>.raw``; ``crash_dump`` (full or kernel) also writes the image as the
     crash dump ``<stem>.dmp`` (crashdump.py), of a manually initiated crash unless ``bugcheck`` says.
     ``fill`` fills a pool close to its limit with one tag (poolfill.py), saved as ``...-fill-<pool>-<percent>``.
+    ``big_pool_tails`` makes a classic pool build return the rest of a big allocation's last page to the pool
+    as later builds do (whatever the flavor's own kernel does), saved as ``...-big-pool-tails``.
     """
     started = time.perf_counter()
-    image = Image(FLAVORS[flavor] if isinstance(flavor, str) else flavor, seed, size)
+    image = Image(_with_tails(FLAVORS[flavor] if isinstance(flavor, str) else flavor, big_pool_tails), seed, size)
     build_kernel(image)
     write_regions(image)
     poolfill.write_limits(image)
@@ -118,6 +121,7 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
     tables.write(image)
     corruption.corrupt(image, corrupt)
     suffix = snapshots.file_suffix(leaks) + poolfill.file_suffix(fill) + corruption.file_suffix(corrupt)
+    suffix += "-big-pool-tails" if big_pool_tails else ""
     stem = _stem(image, suffix + bugchecks.file_suffix(bugcheck))
     dump_path = None
     if crash:
@@ -125,6 +129,15 @@ def build_image(flavor: str | Flavor, seed: int, size: int, out_dir: Path, chunk
         if crash_dump:
             dump_path = _write_dump(image, out_dir, stem, crash_dump, record)
     return _save(image, out_dir, started, stem, dump_path)
+
+
+def _with_tails(flavor: Flavor, big_pool_tails: bool) -> Flavor:
+    """The flavor, made to return big allocations' page tails when asked (classic pool only)."""
+    if not big_pool_tails:
+        return flavor
+    if flavor.segment_heap:
+        raise ValueError(f"big pool tails are a classic pool behaviour; {flavor.name} has the segment heap")
+    return dataclasses.replace(flavor, big_pool_tails=True)
 
 
 def _map_resident_kernel_data(image: Image) -> None:

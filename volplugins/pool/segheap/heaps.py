@@ -55,16 +55,19 @@ def _heap_keys(kernel: Kernel) -> HeapKeys | Finding:
     return HeapKeys(heap_key, lfh_key)
 
 
+UNLISTED = -2  # PoolHeap.node of a heap under no ExPoolState slot
+
+
 @dataclass(frozen=True)
 class PoolHeap:
     address: int
     pool: str  # NonPaged, NonPagedNx, Paged
-    node: int  # pool node index, -1 for ExPoolState.SpecialHeaps
+    node: int  # pool node index, -1 for ExPoolState.SpecialHeaps, UNLISTED for a heap found through its segments
     index: int  # index in Heaps[] / SpecialHeaps[]
 
     @property
     def special(self) -> bool:
-        return self.node < 0
+        return self.node == -1
 
 
 def pool_heaps(kernel: Kernel) -> list[PoolHeap | Finding]:

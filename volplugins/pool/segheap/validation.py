@@ -23,13 +23,10 @@ from volatility3.framework import exceptions
 from .. import regions, spans, translate
 from ..kernel import PAGE_SIZE, Kernel, per_kernel
 from ..model import Finding
-from .heaps import SEGMENT_HEAP_SIGNATURE, PoolHeap, heap_keys, pool_heaps
+from .heaps import SEGMENT_HEAP_SIGNATURE, UNLISTED, PoolHeap, heap_keys, pool_heaps
 from .layout import SYMBOLS_MISSING
 from .reads import read_field
 from .segments import MASK64, SegContext, Segment, context_addresses, seg_contexts, segments
-
-UNLISTED = -2  # PoolHeap.node of a heap found through its segments, not under ExPoolState
-
 
 def smallest_segment(kernel: Kernel) -> int:
     """Bytes of the smallest segment: one descriptor per unit, and a unit is at least a page."""
@@ -57,6 +54,8 @@ class Listed:
 
 @per_kernel
 def listed(kernel: Kernel) -> Listed:
+    """Where the heap lists lead (read once per kernel): only when they do not lead everywhere are segments
+    looked for by their signatures."""
     heaps = pool_heaps(kernel)
     complete = any(isinstance(heap, PoolHeap) for heap in heaps)
     keys = heap_keys(kernel)

@@ -398,8 +398,8 @@ def test_canonical_addresses_and_region_names():
     assert regions.region_name("AssignedRegionSomethingNew") == ("Something new", None)
 
 
-def test_win10_regions_come_from_mi_state(win10):
-    kernel, layer = win10
+def test_win10_regions_come_from_mi_state():
+    kernel, layer = make_kernel(WIN10)  # regions are read once per kernel: a kernel of its own
     enum = kernel.module.get_enumeration("_MI_ASSIGNED_REGION_TYPES").choices
     array = kernel.symbol_address("MiState") + kernel.field_offset("_MI_SYSTEM_INFORMATION", "Vs.SystemVaRegions")
     nonpaged, paged = 0xFFFFDC0000000000, 0xFFFFB90000000000
@@ -417,8 +417,8 @@ def test_win10_regions_come_from_mi_state(win10):
     assert regions.classify(kernel, 0xFFFFF00000000000).name == regions.UNKNOWN_KERNEL
 
 
-def test_win7_regions_come_from_mm_variables(win7):
-    kernel, layer = win7
+def test_win7_regions_come_from_mm_variables():
+    kernel, layer = make_kernel(WIN7)  # regions are read once per kernel: a kernel of its own
     layer.put(kernel.symbol_address("MmNonPagedPoolStart"), (0xFFFFFA8000C00000).to_bytes(8, "little"))
     layer.put(kernel.symbol_address("MmMaximumNonPagedPoolInBytes"), (0x1000000).to_bytes(8, "little"))
     layer.put(kernel.symbol_address("MmPagedPoolEnd"), (0xFFFFF8BFFFFFFFFF).to_bytes(8, "little"))
@@ -473,3 +473,22 @@ def test_implausible_big_entries_are_skipped_and_counted(win10):
     assert implausible == 5
     table = bigpages.BigPageTable(0, 6, tuple(allocations))
     assert table.find(BIG + 0x20000) is None and table.find(BIG + 0x2FFF).tag == b"Big1"
+
+
+def test_big_entries_running_past_their_pool_region_are_skipped():
+    # Big pool is carved from a pool's own region: a smeared size must not make an entry own the memory beyond.
+    kernel, layer = make_kernel(WIN7)
+    start, size = 0xFFFFFA8000C00000, 0x1000000
+    layer.put(kernel.symbol_address("MmNonPagedPoolStart"), start.to_bytes(8, "little"))
+    layer.put(kernel.symbol_address("MmMaximumNonPagedPoolInBytes"), size.to_bytes(8, "little"))
+    table = 0xFFFFF8A000100000
+    layer.put(kernel.symbol_address("PoolBigPageTable"), table.to_bytes(8, "little"))
+    layer.put(kernel.symbol_address("PoolBigPageTableSize"), (4).to_bytes(8, "little"))
+    layer.put(table, big_entry_0x18(start + 0x10000, b"Fits", 0, 0x3000)
+              + big_entry_0x18(start + 0x20000, b"Past", 0, size)  # ends 0x20000 beyond the region
+              + big_entry_0x18(BIG + 0x8000_0000, b"Else", 0, 0x2000)  # in no known region: left alone
+              + bytes(0x18))
+    found = bigpages.read_big_page_table(kernel)
+    assert [a.tag for a in found.allocations] == [b"Fits", b"Else"]
+    assert any("1 big page table entries run past the end of their pool region" in f.reason for f in found.findings)
+    assert bigpages.find_big(kernel, start + size + 0x100) is None

@@ -174,13 +174,26 @@ def read_big_page_table(kernel: Kernel) -> BigPageTable:
     if missing == len(data):
         return BigPageTable(table, count, findings=(Finding(table, "big page table is not readable"),))
     allocations, implausible = parse_table(data, layout, regions.kernel_half_start(kernel))
+    pools = [region for region in regions.kernel_regions(kernel) if region.pool is not None]
+    inside = [a for a in allocations if _fits(a, pools)]
     findings = []
     if missing:
         findings.append(Finding(table, f"{missing:#x} of {len(data):#x} bytes of the big page table are unreadable"))
     if implausible:
         findings.append(Finding(table, f"{implausible} big page table entries are implausible (Va not page aligned "
                                        f"or outside the kernel half, or size past the address space) and are skipped"))
-    return BigPageTable(table, count, tuple(allocations), tuple(findings))
+    if len(inside) < len(allocations):
+        findings.append(Finding(table, f"{len(allocations) - len(inside)} big page table entries run past the end of "
+                                       f"their pool region and are skipped"))
+    return BigPageTable(table, count, tuple(inside), tuple(findings))
+
+
+def _fits(allocation: BigAllocation, pools: list[regions.Region]) -> bool:
+    """Whether the allocation ends inside the pool region it starts in: big pool comes out of a pool's own VA
+    region, so an entry running past its region's end (a smeared size, say) would otherwise claim other memory
+    as its own.  An entry starting in no known region is left alone: the region list may be incomplete."""
+    start = next((region for region in pools if region.contains(allocation.va)), None)
+    return start is None or allocation.end <= start.end
 
 
 def _size_problem(count: int) -> str:

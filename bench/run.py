@@ -6,10 +6,11 @@
 For each flavor and size it builds a sample image (unless present, in a child process), then runs, one
 after the other on the same image: Volatility 3's ``windows.poolscanner``, the suite's full census
 (``windows.pooltags --scan``), a plain sequential read of the image file, ``windows.info``, a
-``windows.poolowner --address`` lookup and a ``windows.poolowner --address-file`` run over 10,000
-addresses taken from the image's manifest.  Each Volatility run is a separate process (JSON renderer,
-output discarded), timed from start to exit, with its own peak resident memory; ``--repeat N`` keeps the
-fastest of N runs.  "Net" times subtract what every Volatility process pays before a plugin runs
+``windows.poolowner --address`` lookup and two ``windows.poolowner --address-file`` runs over 10,000
+addresses taken from the image's manifest: the full listing (every chunk of each address's page, as ``!pool``
+shows it) and ``--owner-only`` (one row per address, what a pipeline takes).  Each Volatility run is a
+separate process (JSON renderer, output discarded), timed from start to exit, with its own peak resident
+memory; ``--repeat N`` keeps the fastest of N runs.  "Net" times subtract what every Volatility process pays before a plugin runs
 (startup, automagic, symbol loading: what ``windows.info`` costs, since that plugin itself does almost
 nothing).
 
@@ -19,7 +20,7 @@ It prints one table row per image and then the targets the project tracks, each 
   >= 10x whole-process on the largest images (4 GiB);
 * census net of startup <= 2x a plain sequential read of the image;
 * census time (net of startup) linear or better in image size; census peak memory < 300 MiB at every size;
-* poolowner over 10,000 addresses <= 3 s beyond startup on 1 GiB images.
+* poolowner over 10,000 addresses <= 3 s beyond startup on 1 GiB images (full listing and ``--owner-only``).
 
 The figures go to a JSON file and a PNG chart (time against image size, one line per tool and one panel
 per flavor; the chart needs matplotlib, the ``bench`` extra).
@@ -46,7 +47,7 @@ from samples.flavors import FLAVORS  # noqa: E402
 SEED = 1
 READ_BLOCK = 16 << 20
 ADDRESSES = 10_000
-TOOLS = ("poolscanner", "census", "read", "info", "poolowner", "owner-file")
+TOOLS = ("poolscanner", "census", "read", "info", "poolowner", "owner-file", "owner-only")
 GIB = 1 << 30
 
 
@@ -156,6 +157,8 @@ def bench_image(flavor: str, size: int, out: Path, cache: Path, repeat: int) -> 
         "info": best(repeat, lambda: run_vol(image, cache, "windows.info")),
         "poolowner": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address", address)),
         "owner-file": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch))),
+        "owner-only": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch),
+                                                   "--owner-only")),
     }
 
 
@@ -167,15 +170,17 @@ def net(results: dict[str, Measure], tool: str) -> float:
 def table(runs: dict[tuple[str, int], dict[str, Measure]]) -> list[str]:
     """One row per image: seconds per tool, census ratios and peak memory."""
     lines = [f"{'flavor':<12} {'size':>6} {'info':>6} {'poolscan':>8} {'census':>7} {'read':>6} {'owner':>6} "
-             f"{'10k own':>7} | {'vs poolscan':>11} {'net':>6} {'net/read':>8} {'10k net':>7} {'peak MiB':>8}"]
+             f"{'10k own':>7} {'10k 1row':>8} | {'vs poolscan':>11} {'net':>6} {'net/read':>8} {'10k net':>7} "
+             f"{'1row net':>8} {'peak MiB':>8}"]
     for (flavor, size), results in runs.items():
         seconds = {tool: results[tool].seconds for tool in TOOLS}
         lines.append(
             f"{flavor:<12} {_size(size):>6} {seconds['info']:6.2f} {seconds['poolscanner']:8.2f} "
-            f"{seconds['census']:7.2f} {seconds['read']:6.2f} {seconds['poolowner']:6.2f} {seconds['owner-file']:7.2f} | "
+            f"{seconds['census']:7.2f} {seconds['read']:6.2f} {seconds['poolowner']:6.2f} {seconds['owner-file']:7.2f} "
+            f"{seconds['owner-only']:8.2f} | "
             f"{seconds['poolscanner'] / seconds['census']:10.1f}x {net(results, 'poolscanner') / net(results, 'census'):5.1f}x "
             f"{net(results, 'census') / seconds['read']:8.2f} {net(results, 'owner-file'):7.2f} "
-            f"{results['census'].peak_mib:8.0f}")
+            f"{net(results, 'owner-only'):8.2f} {results['census'].peak_mib:8.0f}")
     return lines
 
 
@@ -191,6 +196,8 @@ def targets(runs: dict[tuple[str, int], dict[str, Measure]]) -> list[Target]:
             found.append(Target(f"{where}: census vs poolscanner, whole process (x)", whole, 5, False))
             found.append(Target(f"{where}: poolowner, 10,000 addresses beyond startup (s)",
                                 net(results, "owner-file"), 3, True))
+            found.append(Target(f"{where}: poolowner --owner-only, 10,000 addresses beyond startup (s)",
+                                net(results, "owner-only"), 3, True))
         if size == largest and size > GIB:
             found.append(Target(f"{where}: census vs poolscanner, whole process (x)", whole, 10, False))
         found.append(Target(f"{where}: census net of startup / plain read",
@@ -236,7 +243,7 @@ def draw_chart(path: Path, runs: dict[tuple[str, int], dict[str, Measure]]) -> b
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows), squeeze=False)
     labels = {"poolscanner": "windows.poolscanner", "census": "pooltags --scan (census)", "read": "plain read",
               "info": "windows.info (startup)", "poolowner": "poolowner, 1 address",
-              "owner-file": "poolowner, 10,000 addresses"}
+              "owner-file": "poolowner, 10,000 addresses", "owner-only": "poolowner --owner-only, 10,000 addresses"}
     for panel, flavor in zip(axes.flat, flavors):
         sizes = sorted(size for name, size in runs if name == flavor)
         for tool in TOOLS:
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(table({(flavor, size): runs[(flavor, size)]})[1:]), flush=True)
     found = targets(runs)
     print("\nSeconds per whole process; net = beyond windows.info (Volatility's startup); 10k = poolowner "
-          "--address-file with 10,000 addresses\n")
+          "--address-file with 10,000 addresses (own: full listing, 1row: --owner-only)\n")
     print("\n".join(table(runs)))
     print("\nTargets")
     print("\n".join(target.line() for target in found))

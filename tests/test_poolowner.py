@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from volplugins.pool import exits, owner, regions
+from volplugins.pool import exits, owner, regions, segheap
+from volplugins.pool.kernel import Kernel
 from volplugins.pool.tags import tag_text, tag_windbg
 from volrun import cli_json, run_cli
 
@@ -99,6 +100,50 @@ def test_every_sampled_allocation_is_named_exactly(sample):
             if got != want or answer.region != allocation["region"]:
                 mismatches.append((hex(address), want, got, answer.region, answer.reason))
     assert mismatches == [], "\n".join(map(str, mismatches))
+
+
+def test_batch_lookups_answer_as_single_ones(sample):
+    """An address batch walks the ranges holding its addresses first, each segment's together; every answer is
+    what a lookup of that address alone gives on a kernel that has walked nothing yet."""
+    rng = random.Random(11)
+    addresses = [address for allocation in rng.sample(owned_allocations(sample), 60)
+                 for address in sorted(probe_addresses(allocation))]
+    addresses += [0x7FFE0000, addresses[0], sample.kernel.base]
+    fresh = Kernel.from_module(sample.session.context, sample.session.kernel_module)
+    batch = list(owner.find_owners(fresh, addresses))
+    alone = [owner.find_owner(Kernel.from_module(sample.session.context, sample.session.kernel_module), address)
+             for address in addresses]
+    assert batch == alone
+
+
+def test_batch_lookups_walk_every_range_beforehand(samples, monkeypatch):
+    """Preparing a batch walks every range its lookups need: none is left to walk one address at a time."""
+    sample = samples["win10-19041"]
+    addresses = [allocation["address"] for allocation in owned_allocations(sample)[::50]]
+    fresh = Kernel.from_module(sample.session.context, sample.session.kernel_module)
+    segheap.prepare_lookups(fresh, addresses)
+
+    def walk_again(*arguments):
+        raise AssertionError("a range was left to its lookup")
+
+    monkeypatch.setattr(segheap.owner, "_walk_ranges", walk_again)
+    assert all(owner.find_owner(fresh, address).owner is not None for address in addresses)
+
+
+def test_owner_only_shows_one_row_per_address(sample, tmp_path):
+    """--owner-only keeps, of each address's listing, the owner's row (or the row saying why there is none)."""
+    allocations = random.Random(5).sample(owned_allocations(sample), 40)
+    addresses = [allocation["address"] + allocation["size"] // 2 for allocation in allocations] + [0x7FFE0000]
+    listing = tmp_path / "addresses.txt"
+    listing.write_text("".join(f"{address:#x}\n" for address in addresses))
+    full = sample.session.rows("windows.poolowner.PoolOwner", **{"address-file": str(listing)})
+    short = sample.session.rows("windows.poolowner.PoolOwner", **{"address-file": str(listing), "owner-only": True})
+    assert [row["Address"] for row in short] == addresses
+    named = [row for row in full if row["Owner"] == "*"]
+    assert [row for row in short if row["Owner"] == "*"] == named
+    assert len(named) == len(allocations)
+    (alone,) = [row for row in short if row["Owner"] != "*"]
+    assert alone == next(row for row in full if row["Address"] == 0x7FFE0000)
 
 
 def test_object_chunks_name_their_objects(sample):

@@ -75,6 +75,23 @@ def test_streamed_census_counts_what_the_scan_lists(sample):
     assert walked.holders == [listed.chunks[0], listed.chunks[-1]]
 
 
+def test_column_tally_counts_what_the_listing_lists_with_pages_missing(sample, monkeypatch):
+    """The census counts plain chunks straight from the decoders' columns, the listing makes records of the same
+    columns; with runs of pages unreadable (chunks then decoded one by one beside the columns) both agree."""
+    real = scan._physical
+
+    def holed(kernel, layer_name, offset, length):
+        return None if (offset >> 12) % 5 == 2 else real(kernel, layer_name, offset, length)
+
+    monkeypatch.setattr(scan, "_physical", holed)
+    listed = scan.scan_pools(sample.kernel)
+    assert 0 < len(listed.chunks) < len(scanned(sample).chunks)
+    walked = scan.census_of(sample.kernel, watched=[chunk.address for chunk in listed.chunks[::97]])
+    assert walked.rows == scan.census(listed.chunks, group_untagged=True)
+    assert walked.findings == listed.findings
+    assert walked.holders == listed.chunks[::97]
+
+
 def test_census_skips_unreadable_chunks():
     chunks = [
         Chunk(0x1000, 0x40, 0, b"Abcd", State.ALLOCATED, Backing.PAGE, "Paged"),

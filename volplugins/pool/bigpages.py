@@ -15,6 +15,7 @@ and the table is decoded column-wise from one bulk read.
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
@@ -97,10 +98,31 @@ class BigPageTable:
         return None
 
 
+    @cached_property
+    def _freed(self) -> list[tuple[int, BigAllocation]]:
+        """Freed entries with their place in table order, sorted by address."""
+        return sorted(((order, a) for order, a in enumerate(self.allocations) if a.free and a.size > 0),
+                      key=lambda pair: pair[1].va)
+
+    @cached_property
+    def _freed_starts(self) -> list[int]:
+        return [a.va for _, a in self._freed]
+
+    @cached_property
+    def _freed_reach(self) -> list[int]:
+        """The furthest end of the freed entries up to each one (they may overlap one another)."""
+        return list(itertools.accumulate((a.end for _, a in self._freed), max))
+
     def find_freed(self, address: int) -> BigAllocation | None:
         """The stale (freed) entry whose range held ``address``; the latest in table order wins."""
-        holders = [a for a in self.allocations if a.free and a.size > 0 and a.contains(address)]
-        return holders[-1] if holders else None
+        position = bisect.bisect_right(self._freed_starts, address) - 1
+        found: tuple[int, BigAllocation] | None = None
+        while position >= 0 and self._freed_reach[position] > address:
+            order, entry = self._freed[position]
+            if entry.contains(address) and (found is None or order > found[0]):
+                found = (order, entry)
+            position -= 1
+        return found[1] if found else None
 
 
 def entry_layout(kernel: Kernel) -> EntryLayout:

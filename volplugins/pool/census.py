@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
+from .columns import FREE, STATES, Columns
 from .model import Backing, Chunk, State
 
 UNTAGGED = b""  # the tally's tag for free space whose bytes name no freed allocation
@@ -52,6 +55,35 @@ class Tally:
             else:
                 tally[0] += 1
                 tally[1] += chunk.size
+
+    def add_columns(self, chunks: Columns) -> None:
+        """The same count as :meth:`add` over ``chunks.chunks()``, without a record per chunk: the rows are
+        grouped by (tag, pool, state) key with numpy, and each group is added once."""
+        if not len(chunks):
+            return
+        tags = chunks.tag.astype(np.int64)
+        if self.group_untagged:
+            untagged = chunks.state == FREE
+            if chunks.backing is not Backing.VS:
+                untagged &= tags == 0
+            tags[untagged] = -1  # UNTAGGED
+        keys = ((tags + 1) << 16) | (chunks.pool.astype(np.int64) << 8) | chunks.state
+        order = np.argsort(keys, kind="stable")
+        keys, sizes = keys[order], chunks.size[order]
+        starts = np.flatnonzero(np.diff(keys, prepend=-1))
+        totals = np.add.reduceat(sizes, starts)
+        counts = np.diff(np.append(starts, len(keys)))
+        width, pools, tallied = chunks.tag_size, chunks.pools, self._counts
+        for key, count, size in zip(keys[starts].tolist(), counts.tolist(), totals.tolist()):
+            tag = (key >> 16) - 1
+            entry = (UNTAGGED if tag < 0 else tag.to_bytes(width, "little"), pools[(key >> 8) & 0xFF],
+                     STATES[key & 0xFF])
+            tally = tallied.get(entry)
+            if tally is None:
+                tallied[entry] = [count, size]
+            else:
+                tally[0] += count
+                tally[1] += size
 
     def rows(self) -> list[CensusRow]:
         """One row per (tag, pool), sorted by tag then pool; unreadable chunks have no tag to count under."""

@@ -128,9 +128,10 @@ def stale_header_offset(data: bytes, layout: HeaderLayout, free_header_size: int
     unit = layout.unit
     offsets = np.arange(free_header_size, len(data) - unit + 1, unit, dtype=np.int64)
     fields = Fields(data)
-    blocks = fields.field(offsets, layout.block_size).astype(np.int64) * unit
-    plausible = ((fields.field(offsets, layout.previous_size) == 0) & (blocks != 0)
-                 & (fields.field(offsets, layout.pool_type) & np.uint64(IN_USE_BIT) != 0)
-                 & (offsets + blocks <= len(data)))
-    return next((offset for offset in offsets[plausible].tolist()
-                 if printable_tag(decode(data, layout, offset).tag)), None)
+    ends = offsets + (fields.field(offsets, layout.block_size) * np.uint64(unit)).astype(np.int64)
+    plausible = ((fields.field(offsets, layout.previous_size) == 0) & (ends > offsets) & (ends <= len(data))
+                 & ((fields.field(offsets, layout.pool_type) & np.uint64(IN_USE_BIT)) != 0))
+    for offset in offsets[plausible].tolist():  # in order: the first whose tag is printable
+        if printable_tag(decode(data, layout, offset).tag):
+            return offset
+    return None

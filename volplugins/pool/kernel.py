@@ -343,7 +343,7 @@ class Kernel:
         except (exceptions.SymbolError, exceptions.InvalidAddressException):
             return None
 
-    @property
+    @cached_property
     def uses_segment_heap(self) -> bool:
         """Windows 10 19H1+ and 11 allocate pool from the segment heap; the ISF tells which."""
         # 1809 already has ExPoolState but still allocates from classic pages;

@@ -11,6 +11,7 @@ gap back to the pool header, so random bytes are not mistaken for objects.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from volatility3.framework import exceptions
 
@@ -59,6 +60,11 @@ class ObjectLayout:
     cookie: int | None
     type_table: int
 
+    @cached_property
+    def sizes_by_mask(self) -> tuple[int, ...]:
+        """The optional headers' size for every InfoMask byte: a search tries one candidate header per 8 bytes."""
+        return tuple(sum(size for bit, size in self.optional_sizes if mask & bit) for mask in range(256))
+
 
 @per_kernel
 def object_layout(kernel: Kernel) -> ObjectLayout:
@@ -97,7 +103,7 @@ def object_type(kernel: Kernel, index: int) -> ObjectType | None:
 
 
 def optional_headers_size(layout: ObjectLayout, info_mask: int) -> int:
-    return sum(size for bit, size in layout.optional_sizes if info_mask & bit)
+    return layout.sizes_by_mask[info_mask & 0xFF]
 
 
 def identify(kernel: Kernel, data_start: int, data_size: int, tag: bytes) -> ObjectInfo | None:

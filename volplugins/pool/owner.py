@@ -8,6 +8,7 @@ in no pool gets its region and a reason.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from . import bigchunks, bigpages, classic, objects, regions, segheap
@@ -51,8 +52,9 @@ class OwnerAnswer:
         return f"quota charged to process {chunk.quota_process:#x}{name}"
 
 
-def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
-    """Which allocation holds ``address``; never raises for bad or unreadable memory."""
+def find_owner(kernel: Kernel, address: int, listing: bool = True) -> OwnerAnswer:
+    """Which allocation holds ``address``; never raises for bad or unreadable memory.  Without ``listing`` a
+    segment heap answer's chunks are the owner alone (not every chunk of its page)."""
     region = regions.classify(kernel, address)
     if region.name in (regions.USER_SPACE, regions.USER_GUARD, regions.NON_CANONICAL):
         return OwnerAnswer(address, region.name, reason=f"{region.name.lower()} address, not kernel pool")
@@ -64,7 +66,7 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
     # The segment heap decommits the pages inside large free chunks: walk from the (resident) subsegment
     # header before concluding that an unreadable address has no owner.
     if kernel.uses_segment_heap:
-        answer = _segment_heap_answer(kernel, address, region.name)
+        answer = _segment_heap_answer(kernel, address, region.name, listing)
     else:
         answer = _classic_answer(kernel, address, region)
     if answer.owner is None:
@@ -79,16 +81,25 @@ def find_owner(kernel: Kernel, address: int) -> OwnerAnswer:
     return _with_details(kernel, answer)
 
 
+def find_owners(kernel: Kernel, addresses: list[int], listing: bool = True) -> Iterator[OwnerAnswer]:
+    """:func:`find_owner` of each address in turn; on the segment heap the ranges holding them are walked first,
+    each segment's together, so that a batch costs one walk of what it touches."""
+    if kernel.uses_segment_heap and not segheap.layout_problem(kernel):
+        segheap.prepare_lookups(kernel, addresses)
+    for address in addresses:
+        yield find_owner(kernel, address, listing)
+
+
 def _big_answer(kernel: Kernel, address: int, region: str, big: bigpages.BigAllocation) -> OwnerAnswer:
     chunk = bigchunks.big_chunk(kernel, big, region)
     return OwnerAnswer(address, region, (chunk,), chunk)
 
 
-def _segment_heap_answer(kernel: Kernel, address: int, region: str) -> OwnerAnswer:
+def _segment_heap_answer(kernel: Kernel, address: int, region: str, listing: bool) -> OwnerAnswer:
     problem = segheap.layout_problem(kernel)
     if problem:
         return OwnerAnswer(address, region, reason=f"no owner named: {problem}")
-    result = segheap.find_owner_chunks(kernel, address)
+    result = segheap.find_owner_chunks(kernel, address, listing=listing)
     if result.owner is None:
         reason = result.findings[0].reason if result.findings else "no segment heap chunk holds this address"
         return OwnerAnswer(address, region, result.chunks, None, result.findings, reason=f"{NOT_POOL}: {reason}")

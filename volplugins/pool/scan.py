@@ -30,6 +30,7 @@ from volatility3.framework import exceptions
 from . import bigchunks, bigpages, classic, poolheader, segheap, translate
 from . import spans as pool_spans
 from .census import CensusRow, Tally, census
+from .columns import ALLOCATED, FREE, NO_BODY, Columns
 from .kernel import PAGE_SIZE, SYMBOLS_MISSING, Fields, Kernel
 from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
 from .tags import printable_tag
@@ -37,6 +38,7 @@ from .tags import printable_tag
 __all__ = ["Coverage", "PoolScan", "Census", "CensusRow", "census", "census_of", "scan_pools", "iter_chunks"]
 
 Progress = Callable[[float, str], None]
+Item = Chunk | Finding | Columns  # what the walkers hand over: plain chunks come as columns
 
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
 _WALK_STOPS = (*SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
@@ -93,10 +95,13 @@ def scan_pools(kernel: Kernel, progress: Progress | None = None) -> PoolScan:
     """Every chunk of every pool, sorted by address, with the problems met and the coverage reached."""
     result = PoolScan()
     for batch in _batches(kernel, progress, result.coverage, result.validated):
-        walked = [item for item in batch if item.__class__ is Chunk]
-        result.chunks.extend(walked)
-        if len(walked) != len(batch):
-            result.findings.extend(item for item in batch if item.__class__ is not Chunk)
+        for item in batch:
+            if item.__class__ is Columns:
+                result.chunks.extend(item.chunks())
+            elif item.__class__ is Chunk:
+                result.chunks.append(item)
+            else:
+                result.findings.append(item)
     result.chunks.sort(key=_address)
     result.validated.sort()
     return result
@@ -121,13 +126,20 @@ def census_of(kernel: Kernel, progress: Progress | None = None, watched: Iterabl
     tally = Tally(group_untagged=True)
     result = Census([], [], [])
     marks = sorted(set(watched))
+    mark_column = np.array(marks, dtype=np.uint64)
     for batch in _batches(kernel, progress, Coverage()):
-        walked = [item for item in batch if item.__class__ is Chunk]
+        walked = []
+        for item in batch:
+            if item.__class__ is Columns:
+                tally.add_columns(item)
+                result.holders.extend(item.holding(mark_column))
+            elif item.__class__ is Chunk:
+                walked.append(item)
+            else:
+                result.findings.append(item)
         tally.add(walked)
         if marks:
             result.holders.extend(chunk for chunk in walked if _holds_any(chunk, marks))
-        if len(walked) != len(batch):
-            result.findings.extend(item for item in batch if item.__class__ is not Chunk)
     result.rows = tally.rows()
     result.holders.sort(key=_address)
     return result
@@ -144,7 +156,11 @@ def iter_chunks(kernel: Kernel, progress: Progress | None = None,
     then the big page table), findings as they are met.  ``progress(percent, message)`` is called along
     the way with 0..100, as Volatility's progress callbacks take it; ``coverage`` is filled in when given."""
     for batch in _batches(kernel, progress, coverage if coverage is not None else Coverage()):
-        yield from batch
+        for item in batch:
+            if item.__class__ is Columns:
+                yield from item.chunks()
+            else:
+                yield item
 
 
 def _address(chunk: Chunk) -> int:
@@ -152,9 +168,10 @@ def _address(chunk: Chunk) -> int:
 
 
 def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage,
-             validated: list[tuple[int, int]] | None = None) -> Iterator[list[Chunk | Finding]]:
-    """What :func:`iter_chunks` yields, a segment or a block of pages at a time: a whole-pool walk makes a
-    hundred thousand chunks, and a generator step for each one costs more than decoding it."""
+             validated: list[tuple[int, int]] | None = None) -> Iterator[list[Item]]:
+    """What :func:`iter_chunks` yields, a segment or a block of pages at a time, plain chunks as columns: a
+    whole-pool walk makes a hundred thousand chunks, and a generator step (or a record) for each one costs
+    more than decoding it."""
     report = progress or (lambda percent, message: None)
     started = time.perf_counter()
     table = bigpages.read_big_page_table(kernel)
@@ -165,9 +182,13 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage,
     try:
         walk = _segment_heap if kernel.uses_segment_heap else _classic_pool
         for batch in walk(kernel, table, coverage, report, [] if validated is None else validated):
-            walked = [item for item in batch if item.__class__ is Chunk]
-            starts.extend([chunk.address for chunk in walked])
-            sizes.extend([chunk.size for chunk in walked])
+            for item in batch:
+                if item.__class__ is Columns:
+                    starts.extend(item.address.tolist())
+                    sizes.extend(item.size.tolist())
+                elif item.__class__ is Chunk:
+                    starts.append(item.address)
+                    sizes.append(item.size)
             yield batch
     except SYMBOLS_MISSING as error:
         yield [Finding(0, f"pool scan: kernel symbols lack {error}")]
@@ -183,7 +204,7 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage,
 
 
 def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage, report: Progress,
-                  validated: list[tuple[int, int]]) -> Iterator[list[Chunk | Finding]]:
+                  validated: list[tuple[int, int]]) -> Iterator[list[Item]]:
     """Every segment the heap lists lead to; when they do not lead everywhere, then every other segment whose
     own signature validates (its ranges recorded in ``validated``)."""
     keys = segheap.heap_keys(kernel)
@@ -237,10 +258,10 @@ class _SegmentWalker:
     coverage: Coverage
 
     def walk(self, segment: segheap.Segment,
-             validated: list[tuple[int, int]] | None = None) -> Iterator[list[Chunk | Finding]]:
+             validated: list[tuple[int, int]] | None = None) -> Iterator[list[Item]]:
         """The segment's chunks and findings as one batch; the spans of its busy ranges go to ``validated``."""
         self.coverage.segments += 1
-        batch: list[Chunk | Finding] = []
+        batch: list[Item] = []
         try:
             _segment_chunks(self.kernel, segment, self.keys, self.cached, self.live_big, self.coverage, batch,
                             validated)
@@ -252,22 +273,24 @@ class _SegmentWalker:
 
 def _segment_chunks(kernel: Kernel, segment: segheap.Segment, keys: segheap.HeapKeys, cached: frozenset[int],
                     live_big: dict[int, bigpages.BigAllocation], coverage: Coverage,
-                    out: list[Chunk | Finding], validated: list[tuple[int, int]] | None = None) -> None:
-    """Append the segment's chunks and findings to ``out``, in address order; the span of each busy range to
-    ``validated`` when given."""
+                    out: list[Item], validated: list[tuple[int, int]] | None = None) -> None:
+    """Append the segment's chunks and findings to ``out``: its page ranges are read, then decoded together; the
+    span of each busy range goes to ``validated`` when given."""
+    ranges: list[segheap.ranges.Read | Finding] = []
     for page_range in segheap.page_ranges(kernel, segment):
         if isinstance(page_range, Finding):
-            out.append(page_range)
+            ranges.append(page_range)
             continue
         _count_range(page_range.kind, coverage)
         if validated is not None:
             validated.append((page_range.address, page_range.address + page_range.size))
         data, pages = _read_range(kernel, page_range.address, page_range.size, coverage)
-        for item in segheap.range_chunks(kernel, page_range, keys, cached, pages, data):
-            if item.__class__ is Chunk and not item.tag and _headerless(item):
-                out.extend(_named_by_big_table(kernel, item, live_big))
-            else:
-                out.append(item)
+        ranges.append((page_range, pages, data))
+    for item in segheap.ranges_chunks(kernel, ranges, keys, cached):
+        if item.__class__ is Chunk and not item.tag and _headerless(item):
+            out.extend(_named_by_big_table(kernel, item, live_big))
+        else:
+            out.append(item)
 
 
 def _count_range(kind: segheap.RangeKind, coverage: Coverage) -> None:
@@ -407,7 +430,7 @@ class _ClassicDecoder:
 
 
 def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Coverage, report: Progress,
-                  validated: list[tuple[int, int]]) -> Iterator[list[Chunk | Finding]]:
+                  validated: list[tuple[int, int]]) -> Iterator[list[Item]]:
     """The pool pages of every span; pages of the validation spans whose own chain validates go to
     ``validated``."""
     decoder = _ClassicDecoder.of(kernel)
@@ -433,7 +456,7 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
             coverage.pages_walked += pages
             page_addresses = offset + np.arange(pages, dtype=np.uint64) * np.uint64(decoder.page_size)
             in_big, starts = _chain_starts(page_addresses, big_starts, big_reach, decoder.page_size)
-            batch: list[Chunk | Finding] = []
+            batch: list[Item] = []
             before = coverage.classic_pages
             try:
                 batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, starts, coverage, validating))
@@ -457,10 +480,15 @@ def _count_missing_in_region(tables: translate.PageTables, span: pool_spans.Span
     coverage.add_missing(replace(found, unmapped=0))
 
 
-def _pages_of(batch: list[Chunk | Finding], page_size: int) -> list[tuple[int, int]]:
+def _pages_of(batch: list[Item], page_size: int) -> list[tuple[int, int]]:
     """The pages the chunks of a batch lie on, as [start, end) spans."""
-    pages = sorted({item.address & ~(page_size - 1) for item in batch if item.__class__ is Chunk})
-    return [(page, page + page_size) for page in pages]
+    pages: set[int] = set()
+    for item in batch:
+        if item.__class__ is Columns:
+            pages.update((item.address & ~np.uint64(page_size - 1)).tolist())
+        elif item.__class__ is Chunk:
+            pages.add(item.address & ~(page_size - 1))
+    return [(page, page + page_size) for page in sorted(pages)]
 
 
 def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,
@@ -481,7 +509,7 @@ def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,
 
 
 def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
-                   starts: np.ndarray, coverage: Coverage, validating: bool = False) -> Iterator[Chunk | Finding]:
+                   starts: np.ndarray, coverage: Coverage, validating: bool = False) -> Iterator[Item]:
     """The chunks of every page of a block whose chain is complete; findings for pool pages that break,
     unless ``validating`` (pages outside known pool regions, where a broken chain means no pool at all).
 
@@ -558,26 +586,29 @@ def _tail_pages(data: bytes, base: int, pages: np.ndarray, pool: str,
 
 
 def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, pool: str,
-                    decoder: _ClassicDecoder) -> Iterator[Chunk]:
+                    decoder: _ClassicDecoder) -> Iterator[Chunk | Columns]:
+    """The chunks whose headers are at ``where``: as columns, but for quota-charged ones (records)."""
     layout, unit = decoder.layout, decoder.layout.unit
-    previous = (headers.field(where, layout.previous_size) * np.uint64(unit)).tolist()
-    sizes = (headers.field(where, layout.block_size) * np.uint64(unit)).tolist()
-    types = headers.field(where, layout.pool_type).tolist()
-    tag_at, tag_size = layout.pool_tag.offset, layout.pool_tag.size
-    names, quota_bit = decoder.pool_names, poolheader.QUOTA_BIT
-    free, allocated, page = State.FREE, State.ALLOCATED, Backing.PAGE
-    for offset, size, previous_size, pool_type in zip(where.tolist(), sizes, previous, types):
+    types = headers.field(where, layout.pool_type)
+    charged = (types & np.uint64(poolheader.QUOTA_BIT)) != 0
+    for offset in where[charged].tolist():
         address = base + offset
-        tag = data[offset + tag_at : offset + tag_at + tag_size]
-        if not pool_type:
-            yield new_chunk(address, size, previous_size, tag, free, page, pool, 0)
-            continue
-        quota = None
-        if pool_type & quota_bit:
-            header = poolheader.decode(data, layout, offset)
-            quota = poolheader.charged_process(header, address, layout, decoder.cookie)
-        yield new_chunk(address, size, previous_size, tag, allocated, page,
-                        names.get(pool_type) or decoder.pool_name(pool_type), pool_type, address + unit, quota)
+        header = poolheader.decode(data, layout, offset)
+        quota = poolheader.charged_process(header, address, layout, decoder.cookie)
+        yield new_chunk(address, header.block_size, header.previous_size, header.tag, State.ALLOCATED,
+                        Backing.PAGE, decoder.pool_name(header.pool_type), header.pool_type, address + unit, quota)
+    where, types = where[~charged], types[~charged]
+    if not len(where):
+        return
+    allocated = types != 0
+    addresses = np.uint64(base) + where.astype(np.uint64)
+    kinds, pool_index = np.unique(types, return_inverse=True)
+    pools = tuple(decoder.pool_name(kind) if kind else pool for kind in kinds.tolist())
+    yield Columns(addresses, (headers.field(where, layout.block_size) * np.uint64(unit)).astype(np.int64),
+                  (headers.field(where, layout.previous_size) * np.uint64(unit)).astype(np.int64),
+                  headers.field(where, layout.pool_tag), np.where(allocated, ALLOCATED, FREE).astype(np.uint8),
+                  types.astype(np.int64), np.where(allocated, addresses + np.uint64(unit), np.uint64(NO_BODY)),
+                  pool_index.astype(np.uint8).reshape(-1), pools, Backing.PAGE, layout.pool_tag.size)
 
 
 def _broken_pages(data: bytes, base: int, pages: list[int], starts: np.ndarray,

@@ -68,6 +68,8 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             ),
             plugin_options.flag("contents", "Also dump the owning allocation's first 4 KiB as hex and text "
                                 "(like !pool flag 1)"),
+            plugin_options.flag("owner-only", "One row per address: the owning allocation, or why there is none "
+                                "(default: the chunks of the address's page and the findings, like !pool)"),
             plugin_options.pooltag_files(),
             plugin_options.driver_scan(DriverScan.AUTO),
         ]
@@ -92,11 +94,13 @@ class PoolOwner(interfaces.plugins.PluginInterface):
     def _generator(self, requested: list[addresses.ParsedAddress]) -> Iterator[tuple[int, tuple]]:
         kernel = Kernel.from_module(self.context, self.config["kernel"])
         tags = load_attribution(kernel, self.config.get("pooltag-file") or [], self.config.get("driver-scan"))
+        answers = owner.find_owners(kernel, [parsed.value for parsed in requested if parsed.value is not None],
+                                    listing=not self.config.get("owner-only"))
         for parsed in requested:
             if parsed.value is None:
                 yield 0, self._note_row(None, "", parsed.error)
             else:
-                yield from self._answer_rows(kernel, owner.find_owner(kernel, parsed.value), tags)
+                yield from self._answer_rows(kernel, next(answers), tags)
         if tags.findings:
             vollog.info("driver scan: %d part(s) of modules unreadable (windows.pooldrivers lists them)",
                         len(tags.findings))
@@ -105,8 +109,11 @@ class PoolOwner(interfaces.plugins.PluginInterface):
         """The chunks around the address as ``!pool`` lists them (the owner starred), or why there is none."""
         if answer.owner is None:
             yield 0, self._note_row(answer.address, answer.region, answer.headline())
+        owner_only = self.config.get("owner-only")
         for chunk in answer.chunks:
             is_owner = answer.owner is not None and chunk == answer.owner
+            if owner_only and not is_owner:
+                continue
             stale = _stale_tag(kernel, chunk, is_owner)
             description, binary = tags.describe(stale or chunk.tag) if is_owner else ("", "")
             tag, protected = listing.shown_tag(chunk)
@@ -129,6 +136,8 @@ class PoolOwner(interfaces.plugins.PluginInterface):
                 _owner_note(answer, chunk, stale, description, binary) if is_owner else "",
             )
             yield 0, values + self._contents(kernel, chunk if is_owner else None)
+        if owner_only:
+            return
         for finding in answer.findings:
             yield 0, self._note_row(finding.address, answer.region, finding.reason)
 

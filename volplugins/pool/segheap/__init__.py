@@ -34,8 +34,8 @@ from .decoders import (
 from .heaps import HeapKeys, PoolHeap, cached_free_addresses, heap_keys, pool_heaps
 from .layout import SegHeapLayout
 from .lfh import lfh_blocks
-from .owner import OwnerResult, find_owner_chunks
-from .ranges import range_chunks
+from .owner import OwnerResult, find_owner_chunks, prepare_lookups
+from .ranges import range_chunks, ranges_chunks
 from .recognise import layout_problem
 from .segments import PageRange, SegContext, Segment, big_backing, large_allocation_threshold, page_ranges, \
     seg_contexts, segments
@@ -45,9 +45,10 @@ from .vs import vs_chunks
 __all__ = [
     "HeapKeys", "OwnerResult", "PageRange", "PoolHeap", "RangeKind", "SegContext", "SegHeapLayout", "Segment",
     "VsHeader", "big_backing", "cached_free_addresses", "classify_range", "decode_lfh_offsets", "decode_vs_header",
-    "find_owner_chunks", "heap_keys", "large_allocation_threshold", "layout_problem", "lfh_block_allocated",
-    "lfh_blocks", "listed", "validated_segments",
-    "page_ranges", "pool_heaps", "range_chunks", "seg_contexts", "segment_context_of", "segment_signature_ok",
+    "find_owner_chunks", "heap_keys", "prepare_lookups", "large_allocation_threshold", "layout_problem",
+    "lfh_block_allocated", "lfh_blocks", "listed", "validated_segments",
+    "page_ranges", "pool_heaps", "range_chunks", "ranges_chunks", "seg_contexts", "segment_context_of",
+    "segment_signature_ok",
     "segments", "vs_block_has_pool_header", "vs_chunks", "vs_free_tag", "vs_pool_header_address",
     "vs_subsegment_signature_ok",
 ]

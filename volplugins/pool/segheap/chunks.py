@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import poolheader
+from ..columns import Columns
 from ..kernel import Kernel
 from ..model import Backing, Chunk, State
 from ..poolheader import PoolHeader
@@ -34,6 +38,26 @@ class Walk:
         return None if data is None else where.alone.extract(data)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """Blocks of subsegments: the plain ones as columns, those that needed the full decode as records."""
+
+    plain: Columns | None
+    others: list[Chunk]
+
+    def items(self) -> list[Chunk]:
+        """Every block as a record, in address order."""
+        listed = list(self.others)
+        if self.plain is not None:
+            listed += self.plain.chunks()
+            listed.sort(key=_address)
+        return listed
+
+
+def _address(chunk: Chunk) -> int:
+    return chunk.address
+
+
 def _body(walk: Walk, header: PoolHeader, address: int) -> int:
     """The caller's body; a cache-aligned block may carry a second header whose PreviousSize points back here."""
     unit, aligned = walk.layout.unit, walk.layout.pool.cache_aligned_bit
@@ -59,6 +83,21 @@ def _body(walk: Walk, header: PoolHeader, address: int) -> int:
 def is_cached(cached: frozenset[int], *addresses: int) -> bool:
     """Lookaside and delay-free entries are taken to point at the heap block, the pool header or the body."""
     return not cached.isdisjoint(addresses)
+
+
+def cached_rows(cached: frozenset[int], *addresses: np.ndarray) -> np.ndarray:
+    """:func:`is_cached` for many chunks at once: ``addresses`` are columns (uint64) of candidate addresses."""
+    hit = np.zeros(len(addresses[0]), dtype=bool)
+    if cached:
+        known = _cached_array(cached)
+        for column in addresses:
+            hit |= known[np.minimum(np.searchsorted(known, column), len(known) - 1)] == column
+    return hit
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_array(cached: frozenset[int]) -> np.ndarray:
+    return np.array(sorted(cached), dtype=np.uint64)
 
 
 def pool_chunk(

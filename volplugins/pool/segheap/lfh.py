@@ -3,103 +3,146 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import poolheader
+from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_BODY, Columns, columns
 from ..kernel import PAGE_SIZE, Fields, Kernel
-from ..model import Backing, Chunk, Finding, State, new_chunk
-from .chunks import Walk, pool_chunk
+from ..model import Backing, Chunk, Finding
+from .chunks import Decoded, Walk, cached_rows, pool_chunk
 from .decoders import decode_lfh_offsets
 from .layout import SegHeapLayout, reports_missing_symbols
 
 
-def lfh_walk(
-    walk: Walk, subsegment: int, lfh_key: int, range_size: int | None = None, page: int | None = None
-) -> Iterator[Chunk | Finding]:
+def lfh_walk(walk: Walk, subsegment: int, lfh_key: int, range_size: int | None = None) -> Iterator[Chunk | Finding]:
+    """The blocks of the LFH subsegment at ``subsegment`` in address order, then the findings."""
+    found = lfh_subsegment(walk, subsegment, lfh_key, range_size)
+    if found.__class__ is Finding:
+        yield found
+        return
+    yield from lfh_decode([found]).items()
+    yield from found.findings
+
+
+@dataclass(frozen=True)
+class LfhSubsegment:
+    """What the header of one LFH subsegment says, and the bytes its blocks are decoded from."""
+
+    walk: Walk
+    address: int
+    block_size: int
+    first: int  # FirstBlockOffset
+    usable: int  # slots that end inside the page range
+    bitmap: bytes
+    findings: tuple[Finding, ...]
+
+
+def lfh_subsegment(walk: Walk, subsegment: int, lfh_key: int, range_size: int | None = None) -> LfhSubsegment | Finding:
+    """The header of the LFH subsegment at ``subsegment``: block size, first block, block bitmap."""
     sub_type = "_HEAP_LFH_SUBSEGMENT"
     encoded = walk.field(subsegment, sub_type, "BlockOffsets.EncodedData")
     count = walk.field(subsegment, sub_type, "BlockCount")
     if encoded is None or count is None:
-        yield Finding(subsegment, "LFH subsegment header unreadable")
-        return
+        return Finding(subsegment, "LFH subsegment header unreadable")
     bitmap_offset = walk.kernel.field_offset(sub_type, "BlockBitmap")
     decoded = plausible_lfh_offsets(encoded, lfh_key, subsegment, walk.layout, bitmap_offset, count, range_size)
     if decoded is None:
-        yield Finding(subsegment, "LFH BlockOffsets do not decode to a usable block size and first offset")
-        return
+        return Finding(subsegment, "LFH BlockOffsets do not decode to a usable block size and first offset")
     block_size, first = decoded
     bitmap = walk.pages.read(subsegment + bitmap_offset, (count * 2 + 7) // 8)
     if bitmap is None:
-        yield Finding(subsegment + bitmap_offset, "LFH block bitmap unreadable")
-        return
+        return Finding(subsegment + bitmap_offset, "LFH block bitmap unreadable")
     usable = count
+    findings: tuple[Finding, ...] = ()
     if range_size:
         usable = min(count, max(0, (range_size - first) // block_size))  # slots that end inside the range
-    offsets, allocated = _lfh_slots(subsegment, first, block_size, usable, bitmap, page)
-    yield from _lfh_blocks_at(walk, subsegment, offsets, allocated, block_size)
-    if usable < count:
-        end = subsegment + range_size
-        yield Finding(subsegment + first + usable * block_size, f"LFH BlockCount {count} runs past the page range end {end:#x}")
+        if usable < count:
+            end = subsegment + range_size
+            findings = (Finding(subsegment + first + usable * block_size,
+                                f"LFH BlockCount {count} runs past the page range end {end:#x}"),)
+    return LfhSubsegment(walk, subsegment, block_size, first, usable, bitmap, findings)
 
 
-def _lfh_slots(
-    subsegment: int, first: int, block_size: int, count: int, bitmap: bytes, page: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (from the subsegment) and bitmap state of the slots that can hold blocks, for all slots at once.
+def lfh_decode(subsegments: list[LfhSubsegment]) -> Decoded:
+    """The blocks of many LFH subsegments of one heap at once, the plain ones as columns: a heap's LFH
+    subsegments hold a few dozen blocks each, too few to pay for a pass of their own.  (Their findings are
+    the subsegments' own: see :class:`LfhSubsegment`.)"""
+    if not subsegments:
+        return Decoded(None, [])
+    owner, offsets, allocated = _lfh_slots(subsegments)
+    plain, others = _lfh_blocks_at(subsegments, owner, offsets, allocated)
+    return Decoded(plain, others)
 
-    Slots that would straddle a page are never handed out; ``page`` keeps only the slots starting in that page.
+
+def _lfh_slots(subsegments: list[LfhSubsegment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every slot that can hold a block: its subsegment (index), its offset from the subsegment and its bitmap
+    state, for all slots of all subsegments at once.
+
+    Slots keep a uniform stride (their index is their bitmap index); slots that would straddle a page are
+    never handed out.
     """
-    index = np.arange(count, dtype=np.int64)
-    offsets = first + index * block_size
-    start_in_page = (subsegment % PAGE_SIZE + offsets) % PAGE_SIZE
-    keep = start_in_page + block_size <= PAGE_SIZE
-    if page is not None:
-        wanted = page - subsegment  # offset of the page from the subsegment
-        keep &= (offsets - start_in_page == wanted) if abs(wanted) < 1 << 62 else False
-    bits = np.frombuffer(bitmap, dtype=np.uint8)
+    usable = np.array([item.usable for item in subsegments], dtype=np.int64)
+    owner = np.repeat(np.arange(len(subsegments)), usable)
+    index = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(usable) - usable, usable)
+    block_size = np.array([item.block_size for item in subsegments], dtype=np.int64)[owner]
+    offsets = np.array([item.first for item in subsegments], dtype=np.int64)[owner] + index * block_size
+    lead = np.array([item.address % PAGE_SIZE for item in subsegments], dtype=np.int64)[owner]
+    keep = (lead + offsets) % PAGE_SIZE + block_size <= PAGE_SIZE
+    bitmaps = [item.bitmap for item in subsegments]
+    lengths = np.array([len(bitmap) for bitmap in bitmaps], dtype=np.int64)
+    bits = np.frombuffer(b"".join(bitmaps) + b"\0", dtype=np.uint8)
     byte = index // 4
-    inside = byte < len(bits)
-    pair = (bits[np.minimum(byte, max(len(bits) - 1, 0))] >> ((index % 4) * 2).astype(np.uint8)) & 3 if len(bits) \
-        else np.zeros(count, dtype=np.uint8)
+    inside = byte < lengths[owner]
+    pair = (bits[np.where(inside, (np.cumsum(lengths) - lengths)[owner] + byte, -1)]
+            >> ((index % 4) * 2).astype(np.uint8)) & 3
     allocated = inside & (pair == 1)  # two bits per block: 01 is handed out (see lfh_block_allocated)
-    return offsets[keep], allocated[keep]
+    return owner[keep], offsets[keep], allocated[keep]
 
 
-def _lfh_blocks_at(
-    walk: Walk, subsegment: int, offsets: np.ndarray, allocated: np.ndarray, block_size: int
-) -> Iterator[Chunk]:
-    """LFH blocks decoded from one buffer of the subsegment's pages, every header at once; per-block reads
-    when a page is missing."""
-    layout, unit = walk.layout, walk.layout.unit
-    lead = subsegment % PAGE_SIZE
-    buffer = walk.pages.read(subsegment - lead, lead + int(offsets[-1]) + unit) if len(offsets) else None
-    if buffer is None:
-        for offset, busy in zip(offsets.tolist(), allocated.tolist()):
-            yield pool_chunk(walk, subsegment + offset, Backing.LFH, busy, subsegment + offset, block_size)
-        return
-    pool_layout = layout.pool
-    positions = offsets + lead
-    fields = Fields(buffer)
+def _lfh_blocks_at(subsegments: list[LfhSubsegment], owner: np.ndarray, offsets: np.ndarray,
+                   allocated: np.ndarray) -> tuple[Columns | None, list[Chunk]]:
+    """LFH blocks decoded from one buffer of their subsegments' pages, every header at once; blocks whose header
+    needs the full decode, or whose subsegment's pages cannot all be read, as records read block by block."""
+    layout = subsegments[0].walk.layout
+    unit, pool_layout = layout.unit, layout.pool
+    ends = np.zeros(len(subsegments), dtype=np.int64)
+    np.maximum.at(ends, owner, offsets + unit)
+    buffers = [item.walk.pages.read(item.address - item.address % PAGE_SIZE, item.address % PAGE_SIZE + int(end))
+               if end else b"" for item, end in zip(subsegments, ends.tolist())]
+    readable = np.array([data is not None for data in buffers])[owner]
+    others = [_block(subsegments[at], offset, busy)
+              for at, offset, busy in zip(owner[~readable].tolist(), offsets[~readable].tolist(),
+                                          allocated[~readable].tolist())]
+    owner, offsets, allocated = owner[readable], offsets[readable], allocated[readable]
+    lengths = np.array([len(data or b"") for data in buffers], dtype=np.int64)
+    starts = np.array([item.address - item.address % PAGE_SIZE for item in subsegments], dtype=np.uint64)
+    leads = np.array([item.address % PAGE_SIZE for item in subsegments], dtype=np.int64)
+    positions = (np.cumsum(lengths) - lengths + leads)[owner] + offsets
+    fields = Fields(b"".join(data or b"" for data in buffers))
     kinds = fields.field(positions, pool_layout.pool_type)
+    special = allocated & ((kinds & np.uint64(pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT)) != 0)
+    others += [_block(subsegments[at], offset, True) for at, offset in zip(owner[special].tolist(),
+                                                                           offsets[special].tolist())]
+    plain = ~special
+    owner, offsets, positions, allocated, kinds = owner[plain], offsets[plain], positions[plain], allocated[plain], \
+        kinds[plain]
+    if not len(owner):
+        return None, others
+    addresses = (starts + leads.astype(np.uint64))[owner] + offsets.astype(np.uint64)
+    bodies = np.where(allocated, addresses + np.uint64(unit), np.uint64(NO_BODY))
+    cached = allocated & cached_rows(subsegments[0].walk.cached, addresses, bodies)
+    states = np.where(allocated, np.where(cached, CACHED_FREE, ALLOCATED), FREE)
     previous = fields.field(positions, pool_layout.previous_size) * np.uint64(unit)
-    special = pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT  # bodies and charges that need the full decode
-    cached, pool = walk.cached, walk.pool
-    free, lfh = State.FREE, Backing.LFH
-    tag_at, tag_end = pool_layout.pool_tag.offset, pool_layout.pool_tag.offset + pool_layout.pool_tag.size
-    for at, busy, kind, previous_size in zip(positions.tolist(), allocated.tolist(), kinds.tolist(),
-                                             previous.tolist()):
-        address = subsegment - lead + at
-        if busy and kind & special:
-            yield pool_chunk(walk, address, Backing.LFH, True, address, block_size)
-            continue
-        tag = buffer[at + tag_at : at + tag_end]
-        if not busy:
-            yield new_chunk(address, block_size, previous_size, tag, free, lfh, pool, kind)
-            continue
-        body = address + unit
-        state = State.CACHED_FREE if cached and (address in cached or body in cached) else State.ALLOCATED
-        yield new_chunk(address, block_size, previous_size, tag, state, lfh, pool, kind, body)
+    block_sizes = np.array([item.block_size for item in subsegments], dtype=np.int64)[owner]
+    return columns(addresses, block_sizes, previous, fields.field(positions, pool_layout.pool_tag), states, kinds,
+                   bodies, Backing.LFH, subsegments[0].walk.pool), others
+
+
+def _block(subsegment: LfhSubsegment, offset: int, allocated: bool) -> Chunk:
+    address = subsegment.address + offset
+    return pool_chunk(subsegment.walk, address, Backing.LFH, allocated, address, subsegment.block_size)
 
 
 def plausible_lfh_offsets(

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from ..columns import Columns
 from ..kernel import Kernel
 from ..model import Chunk, Finding
 from .chunks import Walk, whole_range
 from .decoders import RangeKind
 from .heaps import HeapKeys
 from .layout import reports_missing_symbols
-from .lfh import lfh_walk
+from .lfh import LfhSubsegment, lfh_decode, lfh_subsegment
 from .segments import PageRange
-from .vs import vs_walk
+from .vs import VsLinks, vs_follow, vs_list
+
+
+Read = tuple[PageRange, dict[int, bytes | None] | None, bytes | None]  # a range, and its pages or bytes
 
 
 @reports_missing_symbols
@@ -23,23 +27,58 @@ def range_chunks(
     cached: frozenset[int] = frozenset(),
     pages: dict[int, bytes | None] | None = None,
     data: bytes | None = None,
-) -> Iterator[Chunk | Finding]:
-    """Every chunk of one busy page range in address order: its VS chunks, its LFH blocks, or the range itself.
+) -> Iterator[Chunk | Finding | Columns]:
+    """Every chunk of one busy page range: its VS chunks, its LFH blocks, or the range itself; the chunks a
+    plain header describes come as :class:`Columns` (a census counts them without a record each), the rest as
+    records, then the findings.
 
     ``pages`` are the range's pages when the caller already read them in bulk (None for an unreadable page),
     or ``data`` all of its bytes when it read them in one piece, so a whole-heap walk reads each range once
     instead of page by page.  Headerless blocks (page-aligned VS blocks, whole ranges) come back with an
     empty tag and no PoolType: the big page table names them.
     """
-    walk = Walk.of(kernel, page_range.segment.context.heap.pool, cached)
-    if pages:
-        walk.pages.preload(pages)
-    if data:
-        walk.pages.preload_span(page_range.address, data)
-    if page_range.kind is RangeKind.VS:
-        for item, _, _ in vs_walk(walk, page_range.address, keys.heap_key):
-            yield item
-    elif page_range.kind is RangeKind.LFH:
-        yield from lfh_walk(walk, page_range.address, keys.lfh_key, page_range.size)
-    else:
-        yield whole_range(walk, page_range)
+    yield from ranges_chunks(kernel, [(page_range, pages, data)], keys, cached)
+
+
+@reports_missing_symbols
+def ranges_chunks(kernel: Kernel, ranges: list[Read | Finding], keys: HeapKeys,
+                  cached: frozenset[int] = frozenset()) -> Iterator[Chunk | Finding | Columns]:
+    """:func:`range_chunks` of many busy page ranges of one heap, their VS chunks and LFH blocks decoded in one
+    pass each at the end; findings (``ranges`` may hold some, met while finding the ranges) keep their order."""
+    lfh: list[LfhSubsegment] = []
+    vs: list[VsLinks] = []
+    for entry in ranges:
+        if entry.__class__ is Finding:
+            yield entry
+            continue
+        page_range, pages, data = entry
+        walk = Walk.of(kernel, page_range.segment.context.heap.pool, cached)
+        if pages:
+            walk.pages.preload(pages)
+        if data:
+            walk.pages.preload_span(page_range.address, data)
+        if page_range.kind is RangeKind.VS:
+            followed = vs_follow(walk, page_range.address, keys.heap_key)
+            if followed.__class__ is Finding:
+                yield followed
+            else:
+                vs.append(followed)
+                if followed.stop is not None:
+                    yield followed.stop
+        elif page_range.kind is RangeKind.LFH:
+            found = lfh_subsegment(walk, page_range.address, keys.lfh_key, page_range.size)
+            if found.__class__ is Finding:
+                yield found
+            else:
+                lfh.append(found)
+                yield from found.findings
+        else:
+            yield whole_range(walk, page_range)
+    plain, chains = vs_list(vs)
+    if plain is not None:
+        yield plain
+    yield from (item for chain in chains for item, _, _ in chain.general)
+    decoded = lfh_decode(lfh)
+    if decoded.plain is not None:
+        yield decoded.plain
+    yield from decoded.others

@@ -9,36 +9,95 @@ chunk header, with the chunk size and, as tag, bytes 4..8 of the still-encoded h
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import poolheader
+from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_POOL_TYPE, Columns, columns, joined
 from ..kernel import PAGE_SIZE, FieldLayout, Fields, Kernel, page_base
-from ..model import Backing, Chunk, Finding, State, new_chunk
-from .chunks import Walk, is_cached, pool_chunk
+from ..model import Backing, Chunk, Finding, State
+from .chunks import Walk, cached_rows, is_cached, pool_chunk
 from .decoders import VsHeader, vs_block_has_pool_header, vs_pool_header_address, vs_subsegment_signature_ok
 from .layout import SegHeapLayout, reports_missing_symbols
 
 Extent = tuple[Chunk | Finding, int, int]  # an item and the [start, end) of its VS chunk, chunk header included
 
 
+@dataclass(frozen=True)
+class VsChain:
+    """A VS subsegment's chunks: the plain ones as rows of columns (shared by the subsegments decoded together)
+    with their VS chunk extents, the ones that needed the general path as items, and the finding that ended
+    the walk early (None: it reached the end)."""
+
+    plain: Columns | None
+    rows: np.ndarray  # this subsegment's rows of ``plain``
+    starts: np.ndarray  # [starts, ends) of the VS chunk of every row of ``plain``, chunk header included
+    ends: np.ndarray
+    general: list[Extent]
+    stop: Finding | None
+
+    def extents(self) -> list[Extent]:
+        """Every chunk with its VS chunk's extent in address order, then the stop finding."""
+        listed: list[Extent] = list(self.general)
+        if self.plain is not None:
+            listed += zip(self.plain.chunks(self.rows), self.starts[self.rows].tolist(), self.ends[self.rows].tolist())
+            listed.sort(key=_extent_start)
+        if self.stop is not None:
+            listed.append((self.stop, self.stop.address, self.stop.address))
+        return listed
+
+
+def _extent_start(extent: Extent) -> int:
+    return extent[1]
+
+
 def vs_walk(walk: Walk, subsegment: int, heap_key: int) -> Iterator[Extent]:
     """The chunks of the VS subsegment at ``subsegment`` in address order, each with its VS chunk's extent."""
+    yield from vs_chain(walk, subsegment, heap_key).extents()
+
+
+def vs_chain(walk: Walk, subsegment: int, heap_key: int) -> VsChain:
+    """The chunks of the VS subsegment at ``subsegment``, the plain ones as columns."""
+    followed = vs_follow(walk, subsegment, heap_key)
+    if followed.__class__ is Finding:
+        return vs_stopped(followed)
+    return vs_list([followed])[1][0]
+
+
+def vs_stopped(finding: Finding) -> VsChain:
+    """The chain of a subsegment that has none, and why."""
+    nothing = np.zeros(0, dtype=np.int64)
+    return VsChain(None, nothing, nothing, nothing, [], finding)
+
+
+class VsLinks(NamedTuple):
+    """A subsegment's chain followed from its first chunk: what listing its chunks needs."""
+
+    walk: Walk
+    buffer: "_Buffer"
+    links: "_Links"
+    chain: np.ndarray  # the candidates the chain goes through
+    stop: Finding | None  # what ended it early
+
+
+def vs_follow(walk: Walk, subsegment: int, heap_key: int) -> VsLinks | Finding:
+    """The chain of the VS subsegment at ``subsegment``, or why it has none."""
     layout = walk.layout
     head = walk.pages.read(subsegment, layout.vs_subsegment_size)
     if head is None:
-        yield Finding(subsegment, "VS subsegment header unreadable"), subsegment, subsegment
-        return
+        return Finding(subsegment, "VS subsegment header unreadable")
     size = layout.vs_sub_size.extract(head)
     signature = layout.vs_sub_signature.extract(head)
     if not vs_subsegment_signature_ok(size, signature):
-        problem = f"VS subsegment signature {signature:#x} does not match size {size:#x}"
-        yield Finding(subsegment, problem), subsegment, subsegment
-        return
+        return Finding(subsegment, f"VS subsegment signature {signature:#x} does not match size {size:#x}")
     end = subsegment + size * layout.unit
     first = subsegment + -(-layout.vs_subsegment_size // layout.unit) * layout.unit
-    yield from _chain(walk, _Buffer(*walk.pages.buffer(first, end)), first, end, heap_key)
+    buffer = _Buffer(*walk.pages.buffer(first, end))
+    links = _Links(buffer, first, end, heap_key, layout)
+    chain, stop = links.follow()
+    return VsLinks(walk, buffer, links, chain, stop)
 
 
 class _Buffer:
@@ -53,14 +112,6 @@ class _Buffer:
         missing = np.zeros((lead + len(self.data)) // PAGE_SIZE + 1, dtype=bool)
         missing[[(page - self.base + lead) // PAGE_SIZE for page in self.holes]] = True
         return ~missing[(offsets + lead) // PAGE_SIZE] & ~missing[(offsets + lead + size - 1) // PAGE_SIZE]
-
-
-def _chain(walk: Walk, buffer: _Buffer, chunk: int, end: int, heap_key: int) -> Iterator[Extent]:
-    links = _Links(buffer, chunk, end, heap_key, walk.layout)
-    chain, stop = links.follow()
-    yield from _listed(walk, buffer, links, chain)
-    if stop is not None:
-        yield stop, stop.address, stop.address
 
 
 class _Links:
@@ -146,63 +197,98 @@ def _link_problem(header: VsHeader, chunk: int, end: int, previous: int | None, 
     return ""
 
 
-def _listed(walk: Walk, buffer: _Buffer, links: _Links, chain: np.ndarray) -> Iterator[Extent]:
-    """The chain's chunks: free ones at their chunk header, allocated ones at their pool header."""
-    layout, unit, data = walk.layout, walk.layout.unit, buffer.data
-    free_tag = layout.vs_header_bits.offset + 4  # bytes 4..8 of the still-encoded header (see vs_free_tag)
-    busy = links.allocated[chain]
-    headers = _pool_headers(walk, buffer, links, chain[busy])
-    pool, free, vs, cached = walk.pool, State.FREE, Backing.VS, walk.cached
-    base, first = buffer.base, links.first
-    tag_at, tag_end = layout.pool.pool_tag.offset, layout.pool.pool_tag.offset + layout.pool.pool_tag.size
-    for index, size, allocated in zip(chain.tolist(), links.sizes[chain].tolist(), busy.tolist()):
-        chunk = first + index * unit
-        chunk_end = chunk + size
-        if not allocated:
-            # Like !pool, report previous size 0: on the segment heap only cache-aligned pool headers use it.
-            at = chunk - base + free_tag
-            yield new_chunk(chunk, size, 0, data[at : at + 4], free, vs, pool, None), chunk, chunk_end
-            continue
-        decoded = headers.get(index)
-        if decoded is None:
-            yield _general(walk, chunk, chunk_end), chunk, chunk_end
-            continue
-        address, block_size, previous_size, pool_type = decoded
-        heap_block, body, at = chunk + layout.vs_header_size, address + unit, address - base
-        state = State.CACHED_FREE if cached and (heap_block in cached or address in cached or body in cached) \
-            else State.ALLOCATED
-        yield new_chunk(address, block_size, previous_size, data[at + tag_at : at + tag_end], state, vs, pool,
-                        pool_type, body), chunk, chunk_end
+def vs_list(followed: list[VsLinks]) -> tuple[Columns | None, list[VsChain]]:
+    """The chunks of the chains of many VS subsegments of one heap, decoded together (a subsegment holds a few
+    dozen chunks, too few to pay for numpy on its own): free ones at their chunk header, allocated ones at
+    their pool header.  The plain ones of all come as one set of columns, which every chain indexes."""
+    if not followed:
+        return None, []
+    walk = followed[0].walk
+    layout, unit = walk.layout, walk.layout.unit
+    rows = _ChainRows(followed)
+    fields = rows.fields
+    free = np.flatnonzero(~rows.allocated)
+    # Like !pool, report previous size 0 for free chunks: on the segment heap only cache-aligned pool headers
+    # use it.  Their tag is bytes 4..8 of the still-encoded header (see vs_free_tag).
+    free_tag = FieldLayout(layout.vs_header_bits.offset + 4, 4)
+    free_rows = columns(rows.chunks[free], rows.sizes[free], np.zeros(len(free)),
+                        fields.field(rows.joined[free], free_tag), np.full(len(free), FREE),
+                        np.full(len(free), NO_POOL_TYPE), np.zeros(len(free)), Backing.VS, walk.pool)
+    busy, headers, pool_types = _pool_headers(rows, layout)
+    at = rows.offsets[rows.owner[busy]] + headers
+    addresses = rows.bases[rows.owner[busy]] + headers.astype(np.uint64)
+    bodies = addresses + np.uint64(unit)
+    cached = cached_rows(walk.cached, rows.chunks[busy] + np.uint64(layout.vs_header_size), addresses, bodies)
+    busy_rows = columns(addresses, fields.field(at, layout.pool.block_size) * np.uint64(unit),
+                        fields.field(at, layout.pool.previous_size) * np.uint64(unit),
+                        fields.field(at, layout.pool.pool_tag), np.where(cached, CACHED_FREE, ALLOCATED), pool_types,
+                        bodies, Backing.VS, walk.pool)
+    source = np.concatenate([free, busy])  # the chain row of every plain row
+    plain = joined(free_rows, busy_rows)
+    starts = rows.chunks[source]
+    ends = starts + rows.sizes[source].astype(np.uint64)
+    general: list[list[Extent]] = [[] for _ in followed]
+    for row in np.setdiff1d(np.flatnonzero(rows.allocated), busy).tolist():
+        owner, chunk = int(rows.owner[row]), int(rows.chunks[row])
+        chunk_end = chunk + int(rows.sizes[row])
+        general[owner].append((_general(followed[owner].walk, chunk, chunk_end), chunk, chunk_end))
+    return plain, [VsChain(plain, chain_rows, starts, ends, extents, item.stop)
+                   for item, chain_rows, extents in zip(followed, _grouped(rows.owner[source], len(followed)),
+                                                        general)]
 
 
-def _pool_headers(walk: Walk, buffer: _Buffer, links: _Links,
-                  busy: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
-    """(address, BlockSize, PreviousSize, PoolType) of the plain pool headers of the allocated chunks, by
-    candidate; chunks that need more (no header, a header on an unreadable page, a cache-aligned body, a
-    quota charge) are left to the general path."""
-    if not len(busy):
-        return {}
-    layout, unit, header_size = walk.layout, walk.layout.unit, walk.layout.vs_header_size
-    pool_layout = layout.pool
-    index = busy
-    heap_blocks = links.offsets[index] + header_size  # buffer offsets
-    moved = (buffer.base % PAGE_SIZE + heap_blocks) % PAGE_SIZE == PAGE_SIZE - unit  # see vs_pool_header_address
+class _ChainRows:
+    """The links of many chains as rows: which chain, VS chunk address and size, allocated bit, and where the
+    chunk header lies in the chains' buffers joined into one."""
+
+    def __init__(self, followed: list[VsLinks]):
+        unit = followed[0].walk.layout.unit
+        lengths = np.array([len(item.buffer.data) for item in followed], dtype=np.int64)
+        self.data = b"".join(item.buffer.data for item in followed)
+        self.fields = Fields(self.data)
+        self.lengths = lengths
+        self.offsets = np.cumsum(lengths) - lengths  # where each chain's buffer starts in ``data``
+        self.bases = np.array([item.buffer.base for item in followed], dtype=np.uint64)
+        self.owner = np.repeat(np.arange(len(followed)), [len(item.chain) for item in followed])
+        candidates = np.concatenate([item.chain for item in followed]).astype(np.int64)
+        firsts = np.array([item.links.first for item in followed], dtype=np.uint64)
+        self.chunks = firsts[self.owner] + candidates.astype(np.uint64) * np.uint64(unit)
+        self.local = np.concatenate([item.links.offsets[item.chain] for item in followed]).astype(np.int64)
+        self.joined = self.offsets[self.owner] + self.local
+        self.sizes = np.concatenate([item.links.sizes[item.chain] for item in followed]).astype(np.int64)
+        self.allocated = np.concatenate([item.links.allocated[item.chain] for item in followed])
+        self.followed = followed
+
+
+def _grouped(owners: np.ndarray, count: int) -> list[np.ndarray]:
+    """The rows of each of ``count`` owners, in row order."""
+    order = np.argsort(owners, kind="stable")
+    bounds = np.searchsorted(owners[order], np.arange(count + 1))
+    return [order[bounds[index] : bounds[index + 1]] for index in range(count)]
+
+
+def _pool_headers(rows: _ChainRows, layout: SegHeapLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The allocated rows with a plain pool header, with (offset in their buffer, PoolType) of that header;
+    chunks that need more (no header, a header on an unreadable page, a cache-aligned body, a quota charge)
+    are left to the general path."""
+    unit, header_size, pool_layout = layout.unit, layout.vs_header_size, layout.pool
+    busy = np.flatnonzero(rows.allocated)
+    owner = rows.owner[busy]
+    heap_blocks = rows.local[busy] + header_size  # buffer offsets
+    moved = (rows.bases[owner] % np.uint64(PAGE_SIZE)).astype(np.int64) + heap_blocks
+    moved = moved % PAGE_SIZE == PAGE_SIZE - unit  # see vs_pool_header_address
     headers = heap_blocks + np.where(moved, unit, 0)
-    block_sizes = links.sizes[index] - header_size
+    block_sizes = rows.sizes[busy] - header_size
     plain = np.where(moved, block_sizes <= PAGE_SIZE, block_sizes <= PAGE_SIZE - unit)  # vs_block_has_pool_header
-    plain &= headers + unit <= len(buffer.data)
-    if buffer.holes:
-        plain &= buffer.readable(headers, unit)
-    index, headers = index[plain], headers[plain]
-    fields = Fields(buffer.data)
-    pool_types = fields.field(headers, pool_layout.pool_type)
+    plain &= headers + unit <= rows.lengths[owner]
+    for index, item in enumerate(rows.followed):
+        if item.buffer.holes:
+            mine = owner == index
+            plain[mine] &= item.buffer.readable(headers[mine], unit)
+    busy, headers = busy[plain], headers[plain]
+    pool_types = rows.fields.field(rows.offsets[rows.owner[busy]] + headers, pool_layout.pool_type)
     plain = (pool_types & np.uint64(pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT)) == 0
-    index, headers, pool_types = index[plain], headers[plain], pool_types[plain]
-    block_sizes = fields.field(headers, pool_layout.block_size) * np.uint64(unit)
-    previous_sizes = fields.field(headers, pool_layout.previous_size) * np.uint64(unit)
-    addresses = [buffer.base + offset for offset in headers.tolist()]
-    return dict(zip(index.tolist(), zip(addresses, block_sizes.tolist(), previous_sizes.tolist(),
-                                        pool_types.tolist())))
+    return busy[plain], headers[plain], pool_types[plain]
 
 
 def _general(walk: Walk, chunk: int, chunk_end: int) -> Chunk:

@@ -123,6 +123,20 @@ def test_census_listing_names_what_free_chunks_held(samples, flavor):
     assert all(row["Description"] == "" for row in listed if not row["StaleTag"])
 
 
+@pytest.mark.parametrize("flavor", ["win7-sp1", "win10-19041"])
+def test_census_tag_filter_finds_freed_chunks_by_what_they_held(samples, flavor):
+    """``--free --tag T`` lists the freed chunks whose stale tag is T, whatever their header bytes show now."""
+    sample = samples[flavor]
+    freed = [a for a in sample.manifest["allocations"] if a["state"] in ("Free", "Cached-free")]
+    stale = [manifest_stale_tag(a) for a in freed]
+    wanted = max((name for name in set(stale) if name), key=stale.count)
+    rows = [row for row in cli_json("-f", str(sample.image), "windows.poolcensus", "--free", "--tag", wanted,
+                                    cache_dir=sample.cache) if row["Address"] is not None]
+    assert sorted(row["Address"] for row in rows) == sorted(a["address"] for a, name in zip(freed, stale)
+                                                            if name == wanted)
+    assert all(row["StaleTag"] == wanted for row in rows)
+
+
 def test_census_says_what_it_did_not_list(samples):
     sample = samples["win10-19041"]
     chunks = len(sample.manifest["allocations"])

@@ -90,3 +90,17 @@ def free_space(kernel: Kernel, chunks: Iterable[Chunk], names: dict[int, str],
             if wanted.matches(chunk, region, stale.tag):
                 members.append(FreeChunk(chunk, region, stale))
         yield summary, members
+
+
+def selected_stale_tag(kernel: Kernel, wanted: ChunkFilter, chunk: Chunk, region: str) -> bytes | None:
+    """The stale tag of a chunk the filters select, None for one they do not.
+
+    ``--tag`` selects a freed chunk by what it held, too: a freed classic chunk keeps its tag in its header,
+    a freed segment-heap chunk only in the stale pool header the search recovers, and the same question
+    (what was freed here with this tag) should find both."""
+    if wanted.matches(chunk, region):
+        return freespace.freed_tag(kernel, chunk)
+    if not wanted.tags or chunk.state not in FREED_STATES:
+        return None
+    stale = freespace.freed_tag(kernel, chunk)
+    return stale if stale and wanted.matches(chunk, region, stale) else None

@@ -16,7 +16,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import conversion, format_hints
 
-from volplugins.pool import (bigpages, carve, exits, filters, freespace, listing, plugin_options, regions, scan,
+from volplugins.pool import (bigpages, carve, exits, filters, listing, plugin_options, regions, scan,
                              validate)
 from volplugins.pool.filters import ChunkFilter
 from volplugins.pool.kernel import Kernel
@@ -263,10 +263,10 @@ class PoolCensus(interfaces.plugins.PluginInterface):
         listed: list[Chunk] = []
         for chunk in result.chunks:
             region = regions_of[chunk.address]
-            if not wanted.matches(chunk, region):
+            stale = listing.selected_stale_tag(kernel, wanted, chunk, region)
+            if stale is None:
                 continue
             listed.append(chunk)
-            stale = freespace.freed_tag(kernel, chunk)
             description, binary = tags.describe(stale if chunk.state in FREED_STATES else chunk.tag)
             written = self._dump(kernel, chunk) if dump else ""
             yield 0, (

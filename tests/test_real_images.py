@@ -28,7 +28,7 @@ from samples.build import build_image
 from samples.flavors import FLAVORS as FLAVOR_SPECS
 from test_poolcensus import DEFAULTS
 from test_partial_symbols import _module_without
-from volplugins.pool import classic, owner
+from volplugins.pool import classic, owner, segheap
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tags import tag_text
 from volrun import VolSession, raw_tag_text
@@ -185,6 +185,40 @@ def test_owners_past_a_broken_previous_size_are_named(samples, tmp_path, flavor)
     assert all(r["Note"].endswith(owner.PAST_BREAK) for r in starred[1:])
     findings = [r for r in answers if r["Chunk"] is None and "PreviousSize" in r["Note"]]
     assert {r["Address"] for r in findings} == {broken["address"]}
+
+
+@pytest.mark.parametrize("flavor", SEGMENT_HEAP)
+def test_a_smeared_vs_header_hides_nothing_after_it(samples, tmp_path, flavor):
+    """A VS chunk header that no longer decodes breaks its subsegment's chain; the walk picks the chain up
+    again at the next chunk, so every chunk after it is still listed, and named with the mark."""
+    sample = samples[flavor]
+    kernel = sample.kernel
+    allocations = sorted(sample.manifest["allocations"], key=lambda a: a["address"])
+    for broken in (a for a in allocations if a["backing"] == "VS" and a["state"] == "Free"):
+        found = segheap.find_owner_chunks(kernel, broken["address"])
+        start, end = found.page_range.address, found.page_range.address + found.page_range.size
+        after = [a for a in allocations if broken["address"] + broken["size"] <= a["address"] < end
+                 and a["backing"] == "VS"]
+        if len(after) >= 3:
+            break
+    else:
+        pytest.fail("no free VS chunk with three chunks after it in its subsegment")
+    image = tmp_path / "smeared-vs.raw"
+    shutil.copyfile(sample.image, image)
+    (_, _, offset, _, _), = list(kernel.layer.mapping(broken["address"], 8))
+    with open(image, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(8))  # decodes to the heap key and the address: no chunk of sane size
+    session = VolSession(image, tmp_path / "cache")
+    rows = session.rows(CENSUS, **DEFAULTS)
+    listed = {(r["Address"], r["Size"], raw_tag_text(r), r["State"]) for r in rows if r["Address"] is not None}
+    assert [a for a in after if (a["address"], a["size"], a["tag"], a["state"]) not in listed] == []
+    before = [a for a in allocations if start <= a["address"] < broken["address"]]
+    assert [a for a in before if (a["address"], a["size"], a["tag"], a["state"]) not in listed] == []
+    answers = session.rows(OWNER, address=[hex(a["address"] + a["size"] // 2) for a in after])
+    starred = [r for r in answers if r["Owner"] == "*"]
+    assert [r["Chunk"] for r in starred] == [a["address"] for a in after]
+    assert all(r["Note"].endswith(owner.PAST_BREAK) for r in starred)
 
 
 def _patch_previous_size(sample, image: Path, header: int, value: int) -> None:

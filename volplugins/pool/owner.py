@@ -104,7 +104,15 @@ def _segment_heap_answer(kernel: Kernel, address: int, region: str, listing: boo
         reason = result.findings[0].reason if result.findings else "no segment heap chunk holds this address"
         return OwnerAnswer(address, region, result.chunks, None, result.findings, reason=f"{NOT_POOL}: {reason}")
     caveat = classic.FOUND_BY_VALIDATION if result.validated else ""
+    if _past_vs_break(result):
+        caveat = caveat or PAST_BREAK
     return OwnerAnswer(address, region, result.chunks, result.owner, result.findings, caveat=caveat)
+
+
+def _past_vs_break(result: segheap.OwnerResult) -> bool:
+    """Whether the owner lies in a VS subsegment after the link where its chain broke (and was picked up again)."""
+    return (result.page_range is not None and result.page_range.kind is segheap.RangeKind.VS
+            and any(finding.address <= result.owner.address for finding in result.findings))
 
 
 def _classic_answer(kernel: Kernel, address: int, region: regions.RegionAnswer) -> OwnerAnswer:

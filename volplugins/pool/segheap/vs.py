@@ -1,8 +1,9 @@
 """VS subsegments: a chain of chunks, each behind a ``_HEAP_VS_CHUNK_HEADER`` encoded with its own address.
 
 Each chunk header gives the next one's address, so the chain is walked in order over one buffer of the
-subsegment's pages; a header that does not decode, or that lies on an unreadable page, ends the walk with a
-Finding.  Allocated chunks are listed at their pool header (size = BlockSize * unit); free ones at their VS
+subsegment's pages; a header that does not decode, or that lies on an unreadable page, breaks the walk with a
+Finding, and the walk picks the chain up again at the first later header from which it runs consistently to
+the subsegment's end.  Allocated chunks are listed at their pool header (size = BlockSize * unit); free ones at their VS
 chunk header, with the chunk size and, as tag, bytes 4..8 of the still-encoded header (what WinDbg prints).
 """
 
@@ -140,7 +141,8 @@ class _Links:
         """The candidates the chain goes through, and the finding that ended it early (None: it reached the end).
 
         The sizes alone lead from link to link; readability and the PreviousSize back links are then checked
-        for the whole chain at once, and the chain ends at its first bad link.
+        for the whole chain at once; at its first bad link the chain is broken (the finding) and picked up
+        again where it can be (:meth:`_resumed`).
         """
         unit, header_size, end = self.layout.unit, self.layout.vs_header_size, self.end
         sizes = memoryview(self.sizes)  # plain ints, index by index, without converting the whole array
@@ -165,7 +167,34 @@ class _Links:
             links = links[:-1]
         elif address + header_size > end:
             return links, None
-        return links, self._finding(index, links)
+        finding = self._finding(index, links)
+        resumed = self._resumed(int(links[-1]) + 1 if len(links) else 0)
+        return (np.concatenate([links, resumed]) if len(resumed) else links), finding
+
+    def _resumed(self, start: int) -> np.ndarray:
+        """The chain picked up again after a broken link, as ``!pool`` walks on past a bad header: from the
+        first candidate at or after ``start`` whose chain runs, every back link agreeing, to the subsegment's
+        end.  At least two links are asked for, so one stray word that happens to span the rest of the
+        subsegment is not taken for a chunk; empty when no such chain exists."""
+        unit, header_size, end = self.layout.unit, self.layout.vs_header_size, self.end
+        sizes, previous = self.sizes.tolist(), self.previous.tolist()
+        readable = self.readable.tolist() if self.readable is not None else None
+        length = [0] * (self.count + 1)  # links of the consistent chain from each candidate to the end (0: none)
+        for index in range(self.count - 1, start - 1, -1):
+            size, address = sizes[index], self.first + index * unit
+            if size < header_size or address + size > end or (readable is not None and not readable[index]):
+                continue
+            following = index + size // unit
+            if address + size + header_size > end:
+                length[index] = 1
+            elif following < self.count and previous[following] == size and length[following]:
+                length[index] = length[following] + 1
+        first = next((index for index in range(start, self.count) if length[index] >= 2), None)
+        chain: list[int] = []
+        while first is not None and first < self.count and length[first]:
+            chain.append(first)
+            first += sizes[first] // unit
+        return np.array(chain, dtype=np.int64)
 
     def _finding(self, index: int, links: np.ndarray) -> Finding:
         """Why the chain cannot go on at candidate ``index`` (``links``: the good links before it)."""

@@ -48,6 +48,8 @@ _WALK_STOPS = (*SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a wa
 class Coverage:
     """How much of the pools the answer covers, and what it cost."""
 
+    explains = True  # whether missing pages are told apart by cause (a class attribute, not a measure)
+
     heaps: int = 0
     segments: int = 0
     subsegments: int = 0  # VS and LFH subsegments walked
@@ -75,6 +77,13 @@ class Coverage:
             if counted is not None or pages:
                 setattr(self, f"pages_{cause}", (counted or 0) + pages)
         self.pages_unreadable += absence.pages
+
+
+class _Uncounted(Coverage):
+    """The coverage of a walk nobody asks about (a tally): missing pages are counted, but their causes, which
+    cost a page-table walk for every run of them, are not looked up."""
+
+    explains = False
 
 
 @dataclass
@@ -127,7 +136,7 @@ def census_of(kernel: Kernel, progress: Progress | None = None, watched: Iterabl
     result = Census([], [], [])
     marks = sorted(set(watched))
     mark_column = np.array(marks, dtype=np.uint64)
-    for batch in _batches(kernel, progress, Coverage()):
+    for batch in _batches(kernel, progress, _Uncounted()):
         walked = []
         for item in batch:
             if item.__class__ is Columns:
@@ -155,7 +164,7 @@ def iter_chunks(kernel: Kernel, progress: Progress | None = None,
     """The streaming form of :func:`scan_pools`: chunks in walk order (heap by heap, or region by region,
     then the big page table), findings as they are met.  ``progress(percent, message)`` is called along
     the way with 0..100, as Volatility's progress callbacks take it; ``coverage`` is filled in when given."""
-    for batch in _batches(kernel, progress, coverage if coverage is not None else Coverage()):
+    for batch in _batches(kernel, progress, coverage if coverage is not None else _Uncounted()):
         for item in batch:
             if item.__class__ is Columns:
                 yield from item.chunks()
@@ -338,6 +347,9 @@ def _read_range(kernel: Kernel, start: int, size: int,
             pages[offset + at] = data[at : at + page]
     missing = [address for address, value in pages.items() if value is None]
     coverage.pages_walked += len(pages) - len(missing)
+    if not coverage.explains:
+        coverage.pages_unreadable += len(missing)
+        return None, pages
     for first, count in _page_runs(missing):
         coverage.add_missing(_absence(kernel, first, count))
     return None, pages
@@ -440,7 +452,7 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
     spans = pool_spans.with_validation(kernel)
     total = sum(span.end - span.start for span in spans) or 1
     done = 0
-    tables = translate.page_tables(kernel.context, kernel.layer_name)
+    tables = translate.page_tables(kernel.context, kernel.layer_name) if coverage.explains else None
     if tables is not None:
         coverage.pages_paged_out = coverage.pages_not_in_image = 0
     for span in spans:

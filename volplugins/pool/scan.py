@@ -533,7 +533,7 @@ def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, 
     first = page_offsets + starts
     candidates = np.flatnonzero(~in_big & (headers.field(first, layout.previous_size) == 0)
                                 & (headers.field(first, layout.block_size) != 0))
-    complete, where = _walk_chains(headers, first[candidates], page_offsets[candidates] + page_size, layout,
+    complete, where = _walk_chains(data, first[candidates], page_offsets[candidates] + page_size, layout,
                                    page_size)
     coverage.classic_pages += int(complete.sum())
     searched = np.setdiff1d(np.flatnonzero(~in_big), candidates[complete])
@@ -549,11 +549,16 @@ def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, 
         yield from walk.chunks
 
 
-def _walk_chains(headers: Fields, first: np.ndarray, ends: np.ndarray, layout: poolheader.HeaderLayout,
+def _walk_chains(data: bytes, first: np.ndarray, ends: np.ndarray, layout: poolheader.HeaderLayout,
                  page_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Walk many chains at once from their first headers (byte positions in the block) to ``ends``; which of
-    them end there exactly, with every PreviousSize matching, and the sorted header positions of those."""
+    them end there exactly, with every PreviousSize matching, and the sorted header positions of those.
+
+    The two size fields of every unit of the block are decoded once; each step of the walk only indexes them."""
     unit = layout.unit
+    count = len(data) // unit
+    previous_sizes = layout.previous_size.column(data, count, unit)
+    block_sizes = layout.block_size.column(data, count, unit)
     offsets = first.copy()
     expected = np.zeros(len(first), dtype=np.uint64)
     alive = np.ones(len(first), dtype=bool)
@@ -563,8 +568,8 @@ def _walk_chains(headers: Fields, first: np.ndarray, ends: np.ndarray, layout: p
         if not len(active):
             break
         where = offsets[active]
-        previous = headers.field(where, layout.previous_size)
-        blocks = headers.field(where, layout.block_size)
+        previous = previous_sizes[where // unit]
+        blocks = block_sizes[where // unit]
         sizes = blocks.astype(np.int64) * unit
         fits = (previous == expected[active]) & (blocks != 0) & (where + sizes <= ends[active])
         alive[active[~fits]] = False

@@ -83,7 +83,10 @@ def run_vol(image: Path, cache: Path, *arguments: str) -> Measure:
         str(Path(sys.executable).with_name("vol")), "-q", "--offline", "-s", str(ROOT / "symbols"),
         "--cache-path", str(cache), "-p", str(ROOT / "volplugins"), "-r", "json", "-f", str(image), *arguments,
     ]
-    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    # As an installed tool runs: Python keeps the bytecode it compiles, so only the first run pays for it
+    # (a shell that sets PYTHONDONTWRITEBYTECODE would make every run recompile Volatility and the plugins).
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    environment["PYTHONPATH"] = str(ROOT)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
     _, status, usage = os.wait4(process.pid, 0)

@@ -35,9 +35,9 @@ from typing import Iterable, Mapping, Sequence
 
 from volatility3.framework import exceptions
 
-from .kernel import PAGE_SIZE, SYMBOLS_MISSING, Kernel
+from .kernel import MASK64, PAGE_SIZE, SYMBOLS_MISSING, Kernel
 from .model import Finding
-from .modules import MASK64, bound_slots, covers, import_slots, loaded_modules, read_module_image, section_headers
+from .modules import bound_slots, covers, import_slots, loaded_modules, read_module_image, section_headers
 from .tags import printable_tag, unprotected
 
 WALK_BUDGET = 512  # instructions visited per resolved argument

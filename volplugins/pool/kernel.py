@@ -21,6 +21,7 @@ from . import translate
 vollog = logging.getLogger(__name__)
 
 PAGE_SIZE = 0x1000  # the small page of x86 and x64: the unit both pool allocators carve
+MASK64 = (1 << 64) - 1  # an x64 machine word: addresses and keys wrap to it
 # What Volatility 3 raises when the ISF lacks a symbol, a type or a member (IndexError: a member a template lacks).
 SYMBOLS_MISSING = (KeyError, AttributeError, IndexError, exceptions.SymbolError)
 

@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import PAGE_SIZE, Kernel
+from .kernel import MASK64, PAGE_SIZE, Kernel
 from .model import Finding
 
 MAX_MODULES = 4096
@@ -18,7 +18,6 @@ MAX_IMAGE_SIZE = 64 << 20  # larger than any driver; a bigger SizeOfImage is a b
 MAX_NAME_BYTES = 1024
 IMAGE_SCN_CNT_CODE = 0x20
 IMAGE_SCN_MEM_EXECUTE = 0x20000000
-MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

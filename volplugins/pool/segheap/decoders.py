@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from ..kernel import PAGE_SIZE
+from ..kernel import MASK64, PAGE_SIZE
 from .layout import SegHeapLayout
 
 PAGE_SEGMENT_KEY = 0xA2E64EADA2E64EAD  # mixed into _HEAP_PAGE_SEGMENT.Signature; zero from build 26100
@@ -33,7 +33,7 @@ class VsHeader(NamedTuple):
 
 def decode_vs_header(header_bits: int, chunk_address: int, heap_key: int, layout: SegHeapLayout) -> VsHeader:
     """``HeaderBits`` is stored XORed with the chunk header's own address and ``RtlpHpHeapGlobals.HeapKey``."""
-    bits = (header_bits ^ chunk_address ^ heap_key) & 0xFFFFFFFFFFFFFFFF
+    bits = (header_bits ^ chunk_address ^ heap_key) & MASK64
     return VsHeader(
         memory_cost=layout.vs_memory_cost.of(bits),
         size=layout.vs_unsafe_size.of(bits) * layout.unit,
@@ -57,7 +57,7 @@ def decode_lfh_offsets(
 
 def segment_context_of(signature: int, segment: int, heap_key: int, key_constant: int = PAGE_SEGMENT_KEY) -> int:
     """The ``_HEAP_SEG_CONTEXT`` address a segment's signature names: how any address leads to its heap."""
-    return (signature ^ segment ^ heap_key ^ key_constant) & 0xFFFFFFFFFFFFFFFF
+    return (signature ^ segment ^ heap_key ^ key_constant) & MASK64
 
 
 def segment_signature_ok(

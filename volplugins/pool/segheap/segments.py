@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..kernel import FieldLayout, Kernel, per_kernel
+from ..kernel import MASK64, FieldLayout, Kernel, per_kernel
 from ..model import Backing, Finding
 from .decoders import RANGE_ALLOCATED, RANGE_FIRST, RangeKind, classify_range, segment_context_of, PAGE_SEGMENT_KEY
 from .heaps import PoolHeap, heap_keys, pool_heaps
@@ -16,7 +16,6 @@ DESCRIPTOR_SIGNATURE = 0xCCDDCCDD  # _HEAP_PAGE_RANGE_DESCRIPTOR.TreeSignature o
 MAX_SEGMENTS = 1 << 16  # per segment context (64 GiB of 1 MiB segments): a bound, not a Windows limit
 MAX_RANGE_HOPS = 4  # UnitOffset links followed back to the first descriptor of a range
 SIGNATURE_MISMATCH = "_HEAP_PAGE_SEGMENT signature does not name its context"
-MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,14 @@ class SegContext:
     first_descriptor_index: int
     max_allocation_size: int = 0  # largest request in bytes its segments serve
 
+    @property
+    def segment_size(self) -> int:
+        return (~self.segment_mask & MASK64) + 1
+
+    def starts_segment(self, address: int) -> bool:
+        """Whether ``address`` lies on one of this context's segment boundaries (its SegmentMask clears nothing)."""
+        return not address & ~self.segment_mask & MASK64
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -39,7 +46,7 @@ class Segment:
 
     @property
     def size(self) -> int:
-        return (~self.context.segment_mask & MASK64) + 1
+        return self.context.segment_size
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,7 @@ def segments(kernel: Kernel, heap: PoolHeap, heap_key: int | None = None) -> Ite
                 continue
             segment = entry - link_offset
             signature = read_field(kernel, segment, "_HEAP_PAGE_SEGMENT", "Signature")
-            if segment & ~context.segment_mask & MASK64:
+            if not context.starts_segment(segment):
                 yield Finding(segment, "segment not aligned to its context's SegmentMask")
             elif signature is None or not signature_owner(signature, segment, heap_key, {context.address: context}):
                 yield Finding(segment, SIGNATURE_MISMATCH)

@@ -26,7 +26,7 @@ from ..model import Finding
 from .heaps import SEGMENT_HEAP_SIGNATURE, UNLISTED, PoolHeap, heap_keys, pool_heaps
 from .layout import SYMBOLS_MISSING
 from .reads import read_field
-from .segments import MASK64, SegContext, Segment, context_addresses, seg_contexts, segments
+from .segments import SegContext, Segment, context_addresses, seg_contexts, segments
 
 def smallest_segment(kernel: Kernel) -> int:
     """Bytes of the smallest segment: one descriptor per unit, and a unit is at least a page."""
@@ -96,8 +96,7 @@ def _context_named(kernel: Kernel, address: int) -> SegContext | None:
 
 def _bounds_agree(kernel: Kernel, context: SegContext) -> bool:
     descriptors = kernel.array_count("_HEAP_PAGE_SEGMENT", "DescArray")
-    span = (~context.segment_mask & MASK64) + 1
-    return (0 <= context.unit_shift < 64 and span == descriptors << context.unit_shift
+    return (0 <= context.unit_shift < 64 and context.segment_size == descriptors << context.unit_shift
             and context.first_descriptor_index < descriptors)
 
 
@@ -107,7 +106,7 @@ def validated_segment(kernel: Kernel, address: int, signature: int, heap_key: in
     A heap found this way takes its pool from the region the segment lies in ('' when no region is known)."""
     for context_address in context_addresses(signature, address, heap_key):
         context = _context_named(kernel, context_address)
-        if context is None or address & ~context.segment_mask & MASK64:
+        if context is None or not context.starts_segment(address):
             continue
         if context.heap.node == UNLISTED:
             pool = regions.classify(kernel, address).pool or ""

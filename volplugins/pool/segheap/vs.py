@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import poolheader
 from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_POOL_TYPE, Columns, columns, joined
-from ..kernel import PAGE_SIZE, FieldLayout, Fields, Kernel, page_base
+from ..kernel import MASK64, PAGE_SIZE, FieldLayout, Fields, Kernel, page_base
 from ..model import Backing, Chunk, Finding, State
 from .chunks import Walk, cached_rows, is_cached, pool_chunk
 from .decoders import VsHeader, vs_block_has_pool_header, vs_pool_header_address, vs_subsegment_signature_ok
@@ -131,7 +131,7 @@ class _Links:
         steps = np.arange(self.count, dtype=np.uint64)
         self.offsets = np.int64(first - buffer.base) + steps.astype(np.int64) * unit
         raw = Fields(buffer.data).field(self.offsets, layout.vs_header_bits)
-        self.words = raw ^ (np.uint64(first) + steps * np.uint64(unit)) ^ np.uint64(heap_key & _WORD)
+        self.words = raw ^ (np.uint64(first) + steps * np.uint64(unit)) ^ np.uint64(heap_key & MASK64)
         self.sizes = (_column(self.words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
         self.previous = (_column(self.words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
         self.allocated = _column(self.words, layout.vs_allocated) != 0
@@ -205,9 +205,6 @@ class _Links:
         header = VsHeader(self.layout.vs_memory_cost.of(int(self.words[index])), int(self.sizes[index]),
                           int(self.previous[index]), bool(self.allocated[index]))
         return Finding(address, _link_problem(header, address, self.end, previous, self.layout.vs_header_size))
-
-
-_WORD = (1 << 64) - 1
 
 
 def _column(values: np.ndarray, where: FieldLayout) -> np.ndarray:

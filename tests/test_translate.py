@@ -12,7 +12,7 @@ import random
 import struct
 
 import pytest
-from volatility3.framework import contexts, interfaces
+from volatility3.framework import contexts, exceptions, interfaces
 from volatility3.framework.layers import intel, physical, segmented
 
 from volplugins.pool import regions, translate
@@ -158,6 +158,31 @@ def test_census_ranges_of_the_sample_itself(sample):
     for region in regions.kernel_regions(kernel):
         assert tables.mapping(region.start, region.size) == \
             list(kernel.layer.mapping(region.start, region.size, ignore_errors=True)), region.name
+
+
+def refusal(read, offset: int, length: int):
+    """What a read gives: its bytes, or the layer and address of the error refusing it."""
+    try:
+        return read(offset, length)
+    except exceptions.InvalidAddressException as error:
+        return error.layer_name, error.invalid_address
+
+
+def test_image_file_reads_equal_the_file_layer(sample):
+    """Bulk walks read a raw image file directly: the same bytes as the file layer, the same refusals past its
+    end, and the layer itself for anything that is not a plain file."""
+    kernel = sample.kernel
+    below = kernel.layer.config["memory_layer"]
+    layer = kernel.context.layers[below]
+    read = translate.physical_reader(kernel.context, below)
+    assert type(layer) is physical.FileLayer and read != layer.read
+    size = layer.maximum_address + 1
+    chooser = random.Random(3)
+    pieces = [(chooser.randrange(size), chooser.choice([1, 8, 0x10, PAGE, 3 * PAGE])) for _ in range(300)]
+    pieces += [(0, PAGE), (size - PAGE, PAGE), (size - 8, 16), (size, 8), (size + PAGE, 8), (-8, 16)]
+    assert [refusal(read, *piece) for piece in pieces] == [refusal(layer.read, *piece) for piece in pieces]
+    context = stack(bytes(PAGE), DTB)
+    assert translate.physical_reader(context, "buffer") == context.layers["buffer"].read
 
 
 # --------------------------------------------------------------------------- a hand-made hierarchy

@@ -412,7 +412,7 @@ def _mapping(kernel: Kernel, start: int, size: int) -> Iterator[tuple[int, int, 
 
 def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> bytes | None:
     try:
-        return kernel.context.layers[layer_name].read(offset, length)
+        return translate.physical_reader(kernel.context, layer_name)(offset, length)
     except exceptions.InvalidAddressException:
         return None
 
@@ -459,27 +459,63 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
         validating = span.validating
         if tables is not None and not validating:
             _count_missing_in_region(tables, span, coverage)
+        runs = _RunGroups(decoder.page_size)
         for offset, length, data in _mapped_runs(kernel, span.start, span.end - span.start, coverage):
             report(95.0 * (done + offset - span.start) / total, f"{span.name}: pages at {offset:#x}")
             if data is None:
                 coverage.add_missing(translate.Absence(not_in_image=length // decoder.page_size))
                 continue
-            pages = len(data) // decoder.page_size
-            coverage.pages_walked += pages
-            page_addresses = offset + np.arange(pages, dtype=np.uint64) * np.uint64(decoder.page_size)
-            in_big, starts = _chain_starts(page_addresses, big_starts, big_reach, decoder.page_size)
-            batch: list[Item] = []
-            before = coverage.classic_pages
-            try:
-                batch.extend(_classic_block(data, offset, span.pool, decoder, in_big, starts, coverage, validating))
-            except _WALK_STOPS:
-                yield batch
-                raise
-            if validating:
-                coverage.pages_validated += coverage.classic_pages - before
-                validated.extend(_pages_of(batch, decoder.page_size))
-            yield batch
+            coverage.pages_walked += len(data) // decoder.page_size
+            if runs.add(offset, data) >= BLOCK_BYTES:
+                yield from _classic_group(runs.take(), span, decoder, big_starts, big_reach, coverage, validated)
+        if runs.pages:
+            yield from _classic_group(runs.take(), span, decoder, big_starts, big_reach, coverage, validated)
         done += span.end - span.start
+
+
+class _RunGroups:
+    """Mapped runs of a span gathered into blocks of about BLOCK_BYTES: the chain walk costs a few numpy calls per
+    step whatever the block's size, and a region's runs are often only a few pages long."""
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self.parts: list[bytes] = []
+        self.pages: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, offset: int, data: bytes) -> int:
+        """Add a run; the size gathered so far."""
+        self.parts.append(data)
+        count = len(data) // self.page_size
+        self.pages.append(offset + np.arange(count, dtype=np.uint64) * np.uint64(self.page_size))
+        self.size += len(data)
+        return self.size
+
+    def take(self) -> tuple[bytes, np.ndarray]:
+        """The gathered bytes and the address of each of their pages; the group starts over."""
+        taken = b"".join(self.parts), np.concatenate(self.pages)
+        self.parts, self.pages, self.size = [], [], 0
+        return taken
+
+
+def _classic_group(group: tuple[bytes, np.ndarray], span: pool_spans.Span, decoder: _ClassicDecoder,
+                   big_starts: np.ndarray, big_reach: np.ndarray, coverage: Coverage,
+                   validated: list[tuple[int, int]]) -> Iterator[list[Item]]:
+    """The chunks of a group of runs as one batch; with a validation span, its pool pages go to ``validated``."""
+    data, page_addresses = group
+    in_big, starts = _chain_starts(page_addresses, big_starts, big_reach, decoder.page_size)
+    batch: list[Item] = []
+    before = coverage.classic_pages
+    try:
+        batch.extend(_classic_block(data, page_addresses, span.pool, decoder, in_big, starts, coverage,
+                                    span.validating))
+    except _WALK_STOPS:
+        yield batch
+        raise
+    if span.validating:
+        coverage.pages_validated += coverage.classic_pages - before
+        validated.extend(_pages_of(batch, decoder.page_size))
+    yield batch
 
 
 def _count_missing_in_region(tables: translate.PageTables, span: pool_spans.Span, coverage: Coverage) -> None:
@@ -520,10 +556,11 @@ def _chain_starts(pages: np.ndarray, starts: np.ndarray, reach: np.ndarray,
     return inside, offsets
 
 
-def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
+def _classic_block(data: bytes, pages: np.ndarray, pool: str, decoder: _ClassicDecoder, in_big: np.ndarray,
                    starts: np.ndarray, coverage: Coverage, validating: bool = False) -> Iterator[Item]:
-    """The chunks of every page of a block whose chain is complete; findings for pool pages that break,
-    unless ``validating`` (pages outside known pool regions, where a broken chain means no pool at all).
+    """The chunks of every page of a block (``pages``: the address of each of its pages) whose chain is
+    complete; findings for pool pages that break, unless ``validating`` (pages outside known pool regions,
+    where a broken chain means no pool at all).
 
     A page whose chain neither starts at ``starts`` nor at the page start may be the last page of a big
     allocation the big page table does not describe: its chain is searched for from the page's bytes."""
@@ -537,14 +574,14 @@ def _classic_block(data: bytes, base: int, pool: str, decoder: _ClassicDecoder, 
                                    page_size)
     coverage.classic_pages += int(complete.sum())
     searched = np.setdiff1d(np.flatnonzero(~in_big), candidates[complete])
-    tails = list(_tail_pages(data, base, searched, pool, decoder))
+    tails = list(_tail_pages(data, pages, searched, pool, decoder))
     coverage.classic_pages += len(tails)
     coverage.pages_not_pool += len(page_offsets) - int(complete.sum()) - len(tails)
     found_tails = {walk.page for walk in tails}
     if not validating:
-        broken = [page for page in candidates[~complete].tolist() if base + page * page_size not in found_tails]
-        yield from _broken_pages(data, base, broken, starts, decoder)
-    yield from _classic_chunks(data, headers, where, base, pool, decoder)
+        broken = [page for page in candidates[~complete].tolist() if int(pages[page]) not in found_tails]
+        yield from _broken_pages(data, pages, broken, starts, decoder)
+    yield from _classic_chunks(data, headers, where, pages, pool, decoder)
     for walk in tails:
         yield from walk.chunks
 
@@ -585,9 +622,10 @@ def _walk_chains(data: bytes, first: np.ndarray, ends: np.ndarray, layout: poolh
     return complete, np.sort(where[complete[np.concatenate(owners)]])
 
 
-def _tail_pages(data: bytes, base: int, pages: np.ndarray, pool: str,
+def _tail_pages(data: bytes, addresses: np.ndarray, pages: np.ndarray, pool: str,
                 decoder: _ClassicDecoder) -> Iterator[classic.PageWalk]:
-    """Complete chains of big allocations' last pages among ``pages``, found by their 'Frag' header."""
+    """Complete chains of big allocations' last pages among ``pages`` (indices into ``addresses``, the address
+    of each page of ``data``), found by their 'Frag' header."""
     layout, page_size = decoder.layout, decoder.page_size
     if not len(pages):
         return
@@ -599,17 +637,18 @@ def _tail_pages(data: bytes, base: int, pages: np.ndarray, pool: str,
         start = classic.tail_start(data, layout, page_size, page * page_size)
         if start is not None:
             content = data[page * page_size : (page + 1) * page_size]
-            yield classic.parse_page(content, base + page * page_size, layout, decoder.cookie, pool, start)
+            yield classic.parse_page(content, int(addresses[page]), layout, decoder.cookie, pool, start)
 
 
-def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, pool: str,
+def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, pages: np.ndarray, pool: str,
                     decoder: _ClassicDecoder) -> Iterator[Chunk | Columns]:
-    """The chunks whose headers are at ``where``: as columns, but for quota-charged ones (records)."""
-    layout, unit = decoder.layout, decoder.layout.unit
+    """The chunks whose headers are at ``where`` (``pages``: the address of each page of ``data``): as columns,
+    but for quota-charged ones (records)."""
+    layout, unit, page_size = decoder.layout, decoder.layout.unit, decoder.page_size
     types = headers.field(where, layout.pool_type)
     charged = (types & np.uint64(poolheader.QUOTA_BIT)) != 0
     for offset in where[charged].tolist():
-        address = base + offset
+        address = int(pages[offset // page_size]) + offset % page_size
         header = poolheader.decode(data, layout, offset)
         quota = poolheader.charged_process(header, address, layout, decoder.cookie)
         yield new_chunk(address, header.block_size, header.previous_size, header.tag, State.ALLOCATED,
@@ -618,7 +657,7 @@ def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, 
     if not len(where):
         return
     allocated = types != 0
-    addresses = np.uint64(base) + where.astype(np.uint64)
+    addresses = pages[where // page_size] + (where % page_size).astype(np.uint64)
     kinds, pool_index = np.unique(types, return_inverse=True)
     pools = tuple(decoder.pool_name(kind) if kind else pool for kind in kinds.tolist())
     yield Columns(addresses, (headers.field(where, layout.block_size) * np.uint64(unit)).astype(np.int64),
@@ -628,9 +667,10 @@ def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, base: int, 
                   pool_index.astype(np.uint8).reshape(-1), pools, Backing.PAGE, layout.pool_tag.size)
 
 
-def _broken_pages(data: bytes, base: int, pages: list[int], starts: np.ndarray,
+def _broken_pages(data: bytes, addresses: np.ndarray, pages: list[int], starts: np.ndarray,
                   decoder: _ClassicDecoder) -> Iterator[Finding]:
-    """Pages whose first header looks like a pool header (printable tag) but whose chain breaks."""
+    """Pages (indices into ``addresses``, the address of each page of ``data``) whose first header looks like a
+    pool header (printable tag) but whose chain breaks."""
     tag_at, tag_size = decoder.layout.pool_tag.offset, decoder.layout.pool_tag.size
     for page in pages:
         start = page * decoder.page_size
@@ -638,6 +678,7 @@ def _broken_pages(data: bytes, base: int, pages: list[int], starts: np.ndarray,
         if not printable_tag(data[first + tag_at : first + tag_at + tag_size]):
             continue
         content = data[start : start + decoder.page_size]
-        walk = classic.parse_page(content, base + start, decoder.layout, decoder.cookie, start=int(starts[page]))
+        address = int(addresses[page])
+        walk = classic.parse_page(content, address, decoder.layout, decoder.cookie, start=int(starts[page]))
         for finding in walk.findings:
-            yield Finding(finding.address, f"pool page {base + start:#x}: {finding.reason}")
+            yield Finding(finding.address, f"pool page {address:#x}: {finding.reason}")

@@ -32,8 +32,11 @@ one that names no page: demand-zero or decommitted).
 
 from __future__ import annotations
 
+import os
+import urllib.parse
+import urllib.request
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +59,7 @@ _PAGEFILES = 16  # pagefile numbers a software entry can hold (four bits)
 _PAGEFILE_OFFSET_SHIFT = 32  # a software entry's pagefile offset, as Volatility reads it: the entry's high half
 
 Mapping = tuple[int, int, int, int, str]  # (address, length, physical address, length, layer name): as the layer
+Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes, raising InvalidAddressException as the layer does
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class PageTables:
         if address in self._tables:
             return self._tables[address]
         try:
-            data = self._context.layers.read(self.physical_name, address, PAGE_SIZE)
+            data = physical_reader(self._context, self.physical_name)(address, PAGE_SIZE)
         except exceptions.InvalidAddressException:
             table = None
         else:
@@ -374,6 +378,69 @@ def read(context: interfaces.context.ContextInterface, layer_name: str, start: i
     data = bytearray(size)
     mapped = 0
     for offset, length, target, _, below in mapping(context, layer_name, start, size):
-        data[offset - start : offset - start + length] = context.layers.read(below, target, length, pad=True)
+        try:
+            piece = physical_reader(context, below)(target, length)
+        except exceptions.InvalidAddressException:  # a layer whose mapping names more than it holds
+            piece = context.layers.read(below, target, length, pad=True)
+        data[offset - start : offset - start + length] = piece
         mapped += length
     return bytes(data), size - mapped
+
+
+# --------------------------------------------------------------------------- reading the layer below
+
+
+class _FileReader:
+    """Reads a raw image file the way its file layer does, with one positioned read per piece.
+
+    Volatility's file layer serves every read through urllib's file wrapper, a seek and a lock: several Python
+    calls that cost more than the read itself when a pool walk makes tens of thousands of them.
+    """
+
+    def __init__(self, layer: physical.FileLayer, path: str):
+        self._name = layer.name
+        self._size = layer.maximum_address + 1
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self._size:  # the file layer's own refusal, address included
+            where = self._size if 0 <= offset < self._size else offset
+            raise exceptions.InvalidAddressException(self._name, where, "Offset outside of the buffer boundaries")
+        data = os.pread(self._fd, length, offset)
+        if len(data) < length:
+            raise exceptions.InvalidAddressException(self._name, offset + len(data), "Could not read sufficient bytes")
+        return data
+
+
+def _raw_file(layer: interfaces.layers.DataLayerInterface) -> str | None:
+    """The local file a file layer reads as it is, or None: the layer may read another scheme, decompress the
+    file, or run where positioned reads do not exist.  The file must be as large as the layer and begin with the
+    same bytes."""
+    if type(layer) is not physical.FileLayer or not hasattr(os, "pread"):
+        return None
+    location = urllib.parse.urlparse(layer.location)
+    if location.scheme != "file":
+        return None
+    path = urllib.request.url2pathname(location.path)
+    try:
+        if os.path.getsize(path) != layer.maximum_address + 1:
+            return None
+        with open(path, "rb") as handle:
+            start = handle.read(PAGE_SIZE)
+    except OSError:
+        return None
+    return path if start == layer.read(0, len(start)) else None
+
+
+_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its file reader, or None
+
+
+def physical_reader(context: interfaces.context.ContextInterface, layer_name: str) -> Reader:
+    """How bulk walks read the layer below a kernel layer: ``layer.read`` (no padding), straight from the file
+    for a raw image file, through the layer for any other.  Kept as long as the layer lives."""
+    layer = context.layers[layer_name]
+    if layer not in _READERS:
+        path = _raw_file(layer)
+        _READERS[layer] = _FileReader(layer, path) if path else None
+    return _READERS[layer] or layer.read

@@ -2,7 +2,7 @@
 
 Volatility 3 has no entry-point registration: it imports every module under
 ``volatility3/plugins/<os>/`` of its own installation.  The build step below
-copies each plugin module of ``volplugins/windows`` (not its ``__init__.py``,
+copies each plugin module of ``volplugins/plugins/windows`` (not its ``__init__.py``,
 which belongs to Volatility 3) into that directory of the wheel, so a plain
 ``vol`` finds ``windows.poolowner`` and friends.  The plugins import their
 logic from the ``volplugins`` package, which is installed normally.
@@ -14,7 +14,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-PLUGIN_SOURCE = Path("volplugins") / "windows"
+PLUGIN_SOURCE = Path("volplugins") / "plugins" / "windows"
 PLUGIN_TARGET = Path("volatility3") / "plugins" / "windows"
 
 

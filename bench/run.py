@@ -81,7 +81,7 @@ def run_vol(image: Path, cache: Path, *arguments: str) -> Measure:
     """
     command = [
         str(Path(sys.executable).with_name("vol")), "-q", "--offline", "-s", str(ROOT / "symbols"),
-        "--cache-path", str(cache), "-p", str(ROOT / "volplugins"), "-r", "json", "-f", str(image), *arguments,
+        "--cache-path", str(cache), "-p", str(ROOT / "volplugins" / "plugins"), "-r", "json", "-f", str(image), *arguments,
     ]
     # As an installed tool runs: Python keeps the bytecode it compiles, so only the first run pays for it
     # (a shell that sets PYTHONDONTWRITEBYTECODE would make every run recompile Volatility and the plugins).

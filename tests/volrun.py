@@ -16,7 +16,7 @@ from volplugins.pool import runner, tags
 
 ROOT = Path(__file__).resolve().parent.parent
 SYMBOLS = ROOT / "symbols"
-PLUGINS = ROOT / "volplugins"
+PLUGINS = ROOT / "volplugins" / "plugins"
 
 
 class VolSession(runner.VolSession):

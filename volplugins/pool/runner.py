@@ -21,7 +21,7 @@ from volatility3.framework import automagic, constants, contexts, interfaces, pl
 from volatility3.framework.automagic import symbol_cache
 from volatility3.framework.configuration import requirements
 
-PLUGIN_DIR = Path(__file__).resolve().parent.parent  # volplugins/: holds windows/, the suite's plugins
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"  # holds windows/, the suite's plugins and nothing else
 INFO_PLUGIN = "windows.info.Info"
 
 _imported = False

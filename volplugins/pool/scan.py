@@ -285,15 +285,18 @@ def _segment_chunks(kernel: Kernel, segment: segheap.Segment, keys: segheap.Heap
                     out: list[Item], validated: list[tuple[int, int]] | None = None) -> None:
     """Append the segment's chunks and findings to ``out``: its page ranges are read, then decoded together; the
     span of each busy range goes to ``validated`` when given."""
+    found = list(segheap.page_ranges(kernel, segment))
+    busy = [item for item in found if item.__class__ is not Finding]
+    mapped = _Mapped.of(kernel, busy[0].address, busy[-1].address + busy[-1].size) if busy else None
     ranges: list[segheap.ranges.Read | Finding] = []
-    for page_range in segheap.page_ranges(kernel, segment):
-        if isinstance(page_range, Finding):
+    for page_range in found:
+        if page_range.__class__ is Finding:
             ranges.append(page_range)
             continue
         _count_range(page_range.kind, coverage)
         if validated is not None:
             validated.append((page_range.address, page_range.address + page_range.size))
-        data, pages = _read_range(kernel, page_range.address, page_range.size, coverage)
+        data, pages = _read_range(kernel, page_range.address, page_range.size, coverage, mapped)
         ranges.append((page_range, pages, data))
     for item in segheap.ranges_chunks(kernel, ranges, keys, cached):
         if item.__class__ is Chunk and not item.tag and _headerless(item):
@@ -330,12 +333,12 @@ def _named_by_big_table(kernel: Kernel, chunk: Chunk,
     yield replace(named, pool=chunk.pool, state=chunk.state)
 
 
-def _read_range(kernel: Kernel, start: int, size: int,
-                coverage: Coverage) -> tuple[bytes | None, dict[int, bytes | None]]:
+def _read_range(kernel: Kernel, start: int, size: int, coverage: Coverage,
+                mapped: "_Mapped | None" = None) -> tuple[bytes | None, dict[int, bytes | None]]:
     """The bytes of [start, start + size) when they read as one piece, else its pages (None: unmapped), each
-    mapped run read once through the layer's mapping."""
+    mapped run read once through the layer's mapping (taken from ``mapped`` when it covers the range)."""
     page = PAGE_SIZE
-    runs = list(_mapped_runs(kernel, start, size, coverage, limit=max(size, BLOCK_BYTES)))
+    runs = list(_mapped_runs(kernel, start, size, coverage, max(size, BLOCK_BYTES), mapped))
     if len(runs) == 1 and runs[0][0] == start and runs[0][1] == size and runs[0][2] is not None:
         coverage.pages_walked += size // page
         return runs[0][2], {}
@@ -374,16 +377,17 @@ def _absence(kernel: Kernel, start: int, pages: int) -> translate.Absence:
     return replace(found, not_in_image=found.not_in_image + pages - found.pages)
 
 
-def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
-                 limit: int = BLOCK_BYTES) -> Iterator[tuple[int, int, bytes | None]]:
+def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage, limit: int = BLOCK_BYTES,
+                 mapping: "_Mapped | None" = None) -> Iterator[tuple[int, int, bytes | None]]:
     """(address, length, bytes) of the mapped parts of a VA range: virtually contiguous runs of at most ``limit``
     bytes, or None for a mapped piece whose backing cannot be read.
 
-    Translation comes from :func:`_mapping`; the bytes from the layer it maps to, one read per physically
-    contiguous piece.
+    Translation comes from :func:`_mapping` (or ``mapping``, when it covers the range); the bytes from the layer
+    it maps to, one read per physically contiguous piece.
     """
+    pieces = mapping.within(start, size) if mapping is not None else _mapping(kernel, start, size)
     run_start, parts, run_length = 0, [], 0
-    for offset, length, mapped, _, layer_name in _mapping(kernel, start, size):
+    for offset, length, mapped, _, layer_name in pieces:
         while length > 0:
             if not parts or run_start + run_length != offset or run_length >= limit:
                 if parts:
@@ -408,6 +412,30 @@ def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage,
 def _mapping(kernel: Kernel, start: int, size: int) -> Iterator[tuple[int, int, int, int, str]]:
     """The layer's own mapping, computed from the page tables in bulk (see :mod:`.translate`)."""
     return translate.mapping(kernel.context, kernel.layer_name, start, size)
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """The mapping of a span translated once, then cut for each range inside it: a segment holds dozens of
+    busy ranges, and a translation costs the same whatever the span's size."""
+
+    pieces: list[translate.Mapping]
+    ends: list[int]  # where each piece ends
+
+    @classmethod
+    def of(cls, kernel: Kernel, start: int, end: int) -> "_Mapped":
+        pieces = list(_mapping(kernel, start, end - start))
+        return cls(pieces, [piece[0] + piece[1] for piece in pieces])
+
+    def within(self, start: int, size: int) -> list[translate.Mapping]:
+        """The pieces of [start, start + size), as ``_mapping`` of that range gives them."""
+        end, out = start + size, []
+        for offset, length, target, _, layer_name in self.pieces[bisect.bisect_right(self.ends, start):]:
+            if offset >= end:
+                break
+            low, high = max(offset, start), min(offset + length, end)
+            out.append((low, high - low, target + low - offset, high - low, layer_name))
+        return out
 
 
 def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> bytes | None:

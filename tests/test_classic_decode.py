@@ -8,10 +8,12 @@ builds from the real Windows 7, 8.1 and 10 ISFs in ``symbols/``.
 from __future__ import annotations
 
 import gc
+import random
 import struct
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 from volatility3.framework import contexts, exceptions, interfaces
 from volatility3.framework.symbols.windows import WindowsKernelIntermedSymbols
@@ -262,6 +264,24 @@ def test_quota_pointer_encoded_with_cookie_on_win10_plain_on_win7(win7, win10):
     assert poolheader.decode_quota(EPROCESS ^ COOKIE ^ header, header, encoded, None) is None
     assert poolheader.decode_quota(EPROCESS, header, plain, None) == EPROCESS
     assert poolheader.decode_quota(0, header, plain, None) is None
+
+
+def test_quota_column_decodes_as_one_header_at_a_time(win7, win10):
+    """The bulk decoder of ProcessBilled gives what the one-header decoder gives, for charged and uncharged
+    headers, good and garbage values, with and without the cookie."""
+    chooser = random.Random(5)
+    addresses = [PAGE + 0x10 * chooser.randrange(0x100) for _ in range(400)]
+    raws = [chooser.choice([0, EPROCESS, EPROCESS ^ COOKIE ^ address, chooser.getrandbits(64),
+                            (EPROCESS ^ COOKIE ^ address) | 1]) for address in addresses]
+    types = [chooser.choice([0, 2, 2 | poolheader.QUOTA_BIT, 0x200 | poolheader.QUOTA_BIT]) for _ in addresses]
+    for layout in (poolheader.header_layout(win7[0]), poolheader.header_layout(win10[0])):
+        for cookie in (COOKIE, None):
+            expected = [poolheader.decode_quota(raw, address, layout, cookie) if kind & poolheader.QUOTA_BIT else None
+                        for raw, address, kind in zip(raws, addresses, types)]
+            bulk = poolheader.quota_column(np.array(raws, dtype=np.uint64), np.array(addresses, dtype=np.uint64),
+                                           np.array(types, dtype=np.uint64), layout, cookie)
+            assert [value or None for value in bulk.tolist()] == expected
+            assert None in expected and any(expected) == (cookie is not None or not layout.quota_encoded)
 
 
 def test_walk_page_through_the_layer_decodes_quota(win10):

@@ -46,12 +46,17 @@ def big_chunk(kernel: Kernel, big: BigAllocation, region: str = "") -> Chunk:
 class Extents:
     """Address ranges of listed chunks, to keep stale big page table entries off memory a chunk holds now."""
 
-    def __init__(self, starts: list[int], sizes: list[int]):
-        order = np.argsort(np.array(starts, dtype=np.uint64), kind="stable")
-        self._starts = np.array(starts, dtype=np.uint64)[order]
-        ends = self._starts + np.maximum(np.array(sizes, dtype=np.uint64)[order], np.uint64(1))
+    def __init__(self, starts: np.ndarray | list[int], sizes: np.ndarray | list[int]):
+        starts = np.asarray(starts, dtype=np.uint64)
+        order = np.argsort(starts, kind="stable")
+        self._starts = starts[order]
+        ends = self._starts + np.maximum(np.asarray(sizes, dtype=np.uint64)[order], np.uint64(1))
         self._reach = np.maximum.accumulate(ends) if len(ends) else ends
-        self.listed = set(starts)
+
+    def lists(self, start: int) -> bool:
+        """Whether a listed chunk starts at ``start``."""
+        position = int(np.searchsorted(self._starts, np.uint64(start), side="left"))
+        return position < len(self._starts) and int(self._starts[position]) == start
 
     def overlaps(self, start: int, end: int) -> bool:
         position = int(np.searchsorted(self._starts, np.uint64(end), side="left")) - 1
@@ -65,7 +70,7 @@ def unwalked(kernel: Kernel, table: BigPageTable, extents: Extents) -> Iterator[
     """
     live = sorted((a for a in table.allocations if not a.free and a.size > 0), key=lambda a: a.va)
     for entry in live:
-        if entry.va in extents.listed:
+        if extents.lists(entry.va):
             continue
         if extents.overlaps(entry.va, entry.end):
             yield Finding(entry.va, f"big page table entry {entry.index} ({entry.size:#x} bytes) overlaps pool chunks")
@@ -76,7 +81,7 @@ def unwalked(kernel: Kernel, table: BigPageTable, extents: Extents) -> Iterator[
     kept_starts: list[int] = []  # freed entries kept so far: disjoint, so sorted starts have sorted ends
     kept: list[Chunk] = []
     for entry in freed:
-        if entry.va in extents.listed or extents.overlaps(entry.va, entry.end) \
+        if extents.lists(entry.va) or extents.overlaps(entry.va, entry.end) \
                 or live_extents.overlaps(entry.va, entry.end):
             continue
         position = bisect.bisect_left(kept_starts, entry.end) - 1

@@ -2,8 +2,8 @@
 into :class:`~.model.Chunk` records only for a listing.
 
 A whole-pool census meets a hundred thousand chunks; building a record for each costs more than decoding it,
-and a per-tag tally needs only four of its fields.  Chunks that need more than a plain header decode (quota
-charges, cache-aligned bodies, unreadable headers) stay records beside the columns.
+and a per-tag tally needs only four of its fields.  Chunks that need more than a header decode (cache-aligned
+bodies, unreadable headers) stay records beside the columns.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ STATES = (State.ALLOCATED, State.FREE, State.CACHED_FREE)  # the states a column
 ALLOCATED, FREE, CACHED_FREE = (np.uint8(code) for code in range(len(STATES)))
 NO_POOL_TYPE = -1  # pool_type column: the chunk keeps none (a free VS chunk)
 NO_BODY = 0  # body column: no body (free chunks)
+NO_QUOTA = 0  # quota column: no process charged
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Columns:
     pool_type: np.ndarray  # int64, NO_POOL_TYPE when none
     body: np.ndarray  # uint64, NO_BODY when none
     pool: np.ndarray  # uint8, index into pools
+    quota: np.ndarray  # uint64, the _EPROCESS charged (see poolheader.decode_quota), NO_QUOTA when none
     pools: tuple[str, ...]
     backing: Backing
     tag_size: int = 4
@@ -46,10 +48,10 @@ class Columns:
         width, backing, pools = self.tag_size, self.backing, self.pools
         return [
             new_chunk(address, size, previous_size, tag.to_bytes(width, "little"), STATES[state], backing,
-                      pools[pool], None if pool_type == NO_POOL_TYPE else pool_type, body or None)
-            for address, size, previous_size, tag, state, pool_type, body, pool in zip(
+                      pools[pool], None if pool_type == NO_POOL_TYPE else pool_type, body or None, quota or None)
+            for address, size, previous_size, tag, state, pool_type, body, pool, quota in zip(
                 take(self.address), take(self.size), take(self.previous_size), take(self.tag), take(self.state),
-                take(self.pool_type), take(self.body), take(self.pool))
+                take(self.pool_type), take(self.body), take(self.pool), take(self.quota))
         ]
 
     def holding(self, marks: np.ndarray) -> list[Chunk]:
@@ -66,11 +68,13 @@ class Columns:
 
 def columns(address: np.ndarray, size: np.ndarray, previous_size: np.ndarray, tag: np.ndarray, state: np.ndarray,
             pool_type: np.ndarray, body: np.ndarray, backing: Backing, pool: str,
-            tag_size: int = 4) -> Columns:
-    """Columns of chunks that all come from one pool."""
+            tag_size: int = 4, quota: np.ndarray | None = None) -> Columns:
+    """Columns of chunks that all come from one pool (``quota``: None when none is charged)."""
     return Columns(address.astype(np.uint64), size.astype(np.int64), previous_size.astype(np.int64),
                    tag.astype(np.uint64), state.astype(np.uint8), pool_type.astype(np.int64),
-                   body.astype(np.uint64), np.zeros(len(address), dtype=np.uint8), (pool,), backing, tag_size)
+                   body.astype(np.uint64), np.zeros(len(address), dtype=np.uint8),
+                   np.zeros(len(address), dtype=np.uint64) if quota is None else quota.astype(np.uint64), (pool,),
+                   backing, tag_size)
 
 
 def joined(*parts: Columns) -> Columns:
@@ -80,4 +84,4 @@ def joined(*parts: Columns) -> Columns:
                    first.pools, first.backing, first.tag_size)
 
 
-_ARRAYS = ("address", "size", "previous_size", "tag", "state", "pool_type", "body", "pool")
+_ARRAYS = ("address", "size", "previous_size", "tag", "state", "pool_type", "body", "pool", "quota")

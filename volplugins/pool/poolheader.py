@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import SYMBOLS_MISSING, FieldLayout, Kernel, per_kernel
+from .kernel import MASK64, SYMBOLS_MISSING, FieldLayout, Kernel, per_kernel
 
 # The quota bit (POOL_QUOTA_FAIL_INSTEAD_OF_RAISE) and the in-use bit are wdm.h / pool defines no ISF
 # carries; the other bits come from the ISF's _POOL_TYPE enum, with these wdm.h values when it lacks them.
@@ -140,6 +141,21 @@ def decode_quota(raw: int | None, header_address: int, layout: HeaderLayout, coo
     bits = layout.process_billed.size * 8
     value = raw & ((1 << bits) - 1)
     return value if value >> (bits - 1) and value % 8 == 0 else None
+
+
+def quota_column(raw: np.ndarray, header_addresses: np.ndarray, pool_types: np.ndarray, layout: HeaderLayout,
+                 cookie: int | None) -> np.ndarray:
+    """:func:`charged_process` of many headers at once (``raw``: their ProcessBilled as stored), 0 where none is
+    charged or it cannot be told."""
+    raw, none = raw.astype(np.uint64), np.zeros(len(raw), dtype=np.uint64)
+    if layout.process_billed is None or (layout.quota_encoded and cookie is None):
+        return none
+    value = raw ^ np.uint64(cookie & MASK64) ^ header_addresses.astype(np.uint64) if layout.quota_encoded else raw
+    bits = layout.process_billed.size * 8
+    value &= np.uint64((1 << bits) - 1)
+    told = (raw != 0) & ((pool_types.astype(np.uint64) & np.uint64(QUOTA_BIT)) != 0)
+    told &= ((value >> np.uint64(bits - 1)) != 0) & (value % np.uint64(8) == 0)
+    return np.where(told, value, none)
 
 
 def charged_process(header: PoolHeader, header_address: int, layout: HeaderLayout, cookie: int | None) -> int | None:

@@ -32,7 +32,7 @@ from . import spans as pool_spans
 from .census import CensusRow, Tally, census
 from .columns import ALLOCATED, FREE, NO_BODY, Columns
 from .kernel import PAGE_SIZE, SYMBOLS_MISSING, Fields, Kernel
-from .model import BUSY_STATES, Backing, Chunk, Finding, State, new_chunk
+from .model import BUSY_STATES, Backing, Chunk, Finding
 from .tags import printable_tag
 
 __all__ = ["Coverage", "PoolScan", "Census", "CensusRow", "census", "census_of", "scan_pools", "iter_chunks"]
@@ -41,6 +41,7 @@ Progress = Callable[[float, str], None]
 Item = Chunk | Finding | Columns  # what the walkers hand over: plain chunks come as columns
 
 BLOCK_BYTES = 4 << 20  # largest single read of pool pages
+SEGMENTS_AT_ONCE = 8  # segment heap segments decoded together (1 MiB each on x64)
 _WALK_STOPS = (*SYMBOLS_MISSING, exceptions.InvalidAddressException)  # end a walk; what it found stays
 
 
@@ -186,25 +187,23 @@ def _batches(kernel: Kernel, progress: Progress | None, coverage: Coverage,
     table = bigpages.read_big_page_table(kernel)
     yield list(table.findings)
     coverage.big_entries = len(table.allocations)
-    starts: list[int] = []
-    sizes: list[int] = []
+    starts: list[np.ndarray | list[int]] = []  # of every chunk listed, a batch at a time
+    sizes: list[np.ndarray | list[int]] = []
     try:
         walk = _segment_heap if kernel.uses_segment_heap else _classic_pool
         for batch in walk(kernel, table, coverage, report, [] if validated is None else validated):
-            for item in batch:
-                if item.__class__ is Columns:
-                    starts.extend(item.address.tolist())
-                    sizes.extend(item.size.tolist())
-                elif item.__class__ is Chunk:
-                    starts.append(item.address)
-                    sizes.append(item.size)
+            records = [item for item in batch if item.__class__ is Chunk]
+            starts += [item.address for item in batch if item.__class__ is Columns] + [[c.address for c in records]]
+            sizes += [item.size for item in batch if item.__class__ is Columns] + [[c.size for c in records]]
             yield batch
     except SYMBOLS_MISSING as error:
         yield [Finding(0, f"pool scan: kernel symbols lack {error}")]
     except exceptions.InvalidAddressException as error:
         yield [Finding(error.invalid_address, f"pool scan stopped: {error}")]
     report(95.0, "Big page table")
-    yield list(bigchunks.unwalked(kernel, table, bigchunks.Extents(starts, sizes)))
+    listed = bigchunks.Extents(np.concatenate([np.asarray(part, dtype=np.uint64) for part in starts] or [[]]),
+                               np.concatenate([np.asarray(part, dtype=np.uint64) for part in sizes] or [[]]))
+    yield list(bigchunks.unwalked(kernel, table, listed))
     coverage.seconds = time.perf_counter() - started
     report(100.0, "Pool scan complete")
 
@@ -235,21 +234,27 @@ def _segment_heap(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
             continue
         coverage.heaps += 1
         found = list(segheap.segments(kernel, heap, keys.heap_key))
+        group: list[segheap.Segment] = []
         for position, segment in enumerate(found):
             if isinstance(segment, Finding):
                 yield [segment]
                 continue
             walked.add(segment.address)
-            report(95.0 * (number + position / len(found)) / len(heaps),
-                   f"{heap.pool} heap {heap.address:#x}: segment {segment.address:#x}")
-            yield from walker.walk(segment)
+            group.append(segment)
+            if len(group) == SEGMENTS_AT_ONCE or position == len(found) - 1:
+                report(95.0 * (number + position / len(found)) / len(heaps),
+                       f"{heap.pool} heap {heap.address:#x}: segment {segment.address:#x}")
+                yield from walker.walk(group)
+                group = []
+        if group:
+            yield from walker.walk(group)
     if segheap.listed(kernel).complete:
         return
     report(95.0, "Segments found by page validation")
     for segment in segheap.validated_segments(kernel, keys.heap_key):
         if segment.address not in walked:
             coverage.segments_validated += 1
-            yield from walker.walk(segment, validated)
+            yield from walker.walk([segment], validated)
 
 
 def _pool_state(kernel: Kernel) -> int:
@@ -266,13 +271,14 @@ class _SegmentWalker:
     live_big: dict[int, bigpages.BigAllocation]
     coverage: Coverage
 
-    def walk(self, segment: segheap.Segment,
+    def walk(self, segments: list[segheap.Segment],
              validated: list[tuple[int, int]] | None = None) -> Iterator[list[Item]]:
-        """The segment's chunks and findings as one batch; the spans of its busy ranges go to ``validated``."""
-        self.coverage.segments += 1
+        """The chunks and findings of segments of one heap as one batch; the spans of their busy ranges go to
+        ``validated``."""
+        self.coverage.segments += len(segments)
         batch: list[Item] = []
         try:
-            _segment_chunks(self.kernel, segment, self.keys, self.cached, self.live_big, self.coverage, batch,
+            _segment_chunks(self.kernel, segments, self.keys, self.cached, self.live_big, self.coverage, batch,
                             validated)
         except _WALK_STOPS:
             yield batch
@@ -280,24 +286,25 @@ class _SegmentWalker:
         yield batch
 
 
-def _segment_chunks(kernel: Kernel, segment: segheap.Segment, keys: segheap.HeapKeys, cached: frozenset[int],
-                    live_big: dict[int, bigpages.BigAllocation], coverage: Coverage,
+def _segment_chunks(kernel: Kernel, segments: list[segheap.Segment], keys: segheap.HeapKeys,
+                    cached: frozenset[int], live_big: dict[int, bigpages.BigAllocation], coverage: Coverage,
                     out: list[Item], validated: list[tuple[int, int]] | None = None) -> None:
-    """Append the segment's chunks and findings to ``out``: its page ranges are read, then decoded together; the
-    span of each busy range goes to ``validated`` when given."""
-    found = list(segheap.page_ranges(kernel, segment))
-    busy = [item for item in found if item.__class__ is not Finding]
-    mapped = _Mapped.of(kernel, busy[0].address, busy[-1].address + busy[-1].size) if busy else None
+    """Append the chunks and findings of segments of one heap to ``out``: their page ranges are read, then
+    decoded together; the span of each busy range goes to ``validated`` when given."""
     ranges: list[segheap.ranges.Read | Finding] = []
-    for page_range in found:
-        if page_range.__class__ is Finding:
-            ranges.append(page_range)
-            continue
-        _count_range(page_range.kind, coverage)
-        if validated is not None:
-            validated.append((page_range.address, page_range.address + page_range.size))
-        data, pages = _read_range(kernel, page_range.address, page_range.size, coverage, mapped)
-        ranges.append((page_range, pages, data))
+    for segment in segments:
+        found = list(segheap.page_ranges(kernel, segment))
+        busy = [item for item in found if item.__class__ is not Finding]
+        mapped = _Mapped.of(kernel, busy[0].address, busy[-1].address + busy[-1].size) if busy else None
+        for page_range in found:
+            if page_range.__class__ is Finding:
+                ranges.append(page_range)
+                continue
+            _count_range(page_range.kind, coverage)
+            if validated is not None:
+                validated.append((page_range.address, page_range.address + page_range.size))
+            data, pages = _read_range(kernel, page_range.address, page_range.size, coverage, mapped)
+            ranges.append((page_range, pages, data))
     for item in segheap.ranges_chunks(kernel, ranges, keys, cached):
         if item.__class__ is Chunk and not item.tag and _headerless(item):
             out.extend(_named_by_big_table(kernel, item, live_big))
@@ -670,29 +677,23 @@ def _tail_pages(data: bytes, addresses: np.ndarray, pages: np.ndarray, pool: str
 
 def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, pages: np.ndarray, pool: str,
                     decoder: _ClassicDecoder) -> Iterator[Chunk | Columns]:
-    """The chunks whose headers are at ``where`` (``pages``: the address of each page of ``data``): as columns,
-    but for quota-charged ones (records)."""
+    """The chunks whose headers are at ``where`` (``pages``: the address of each page of ``data``), as columns."""
     layout, unit, page_size = decoder.layout, decoder.layout.unit, decoder.page_size
-    types = headers.field(where, layout.pool_type)
-    charged = (types & np.uint64(poolheader.QUOTA_BIT)) != 0
-    for offset in where[charged].tolist():
-        address = int(pages[offset // page_size]) + offset % page_size
-        header = poolheader.decode(data, layout, offset)
-        quota = poolheader.charged_process(header, address, layout, decoder.cookie)
-        yield new_chunk(address, header.block_size, header.previous_size, header.tag, State.ALLOCATED,
-                        Backing.PAGE, decoder.pool_name(header.pool_type), header.pool_type, address + unit, quota)
-    where, types = where[~charged], types[~charged]
     if not len(where):
         return
+    types = headers.field(where, layout.pool_type)
     allocated = types != 0
     addresses = pages[where // page_size] + (where % page_size).astype(np.uint64)
     kinds, pool_index = np.unique(types, return_inverse=True)
     pools = tuple(decoder.pool_name(kind) if kind else pool for kind in kinds.tolist())
+    charged = layout.process_billed is not None and (types & np.uint64(poolheader.QUOTA_BIT)).any()
+    quota = (poolheader.quota_column(headers.field(where, layout.process_billed), addresses, types, layout,
+                                     decoder.cookie) if charged else np.zeros(len(where), dtype=np.uint64))
     yield Columns(addresses, (headers.field(where, layout.block_size) * np.uint64(unit)).astype(np.int64),
                   (headers.field(where, layout.previous_size) * np.uint64(unit)).astype(np.int64),
                   headers.field(where, layout.pool_tag), np.where(allocated, ALLOCATED, FREE).astype(np.uint8),
                   types.astype(np.int64), np.where(allocated, addresses + np.uint64(unit), np.uint64(NO_BODY)),
-                  pool_index.astype(np.uint8).reshape(-1), pools, Backing.PAGE, layout.pool_tag.size)
+                  pool_index.astype(np.uint8).reshape(-1), quota, pools, Backing.PAGE, layout.pool_tag.size)
 
 
 def _broken_pages(data: bytes, addresses: np.ndarray, pages: list[int], starts: np.ndarray,

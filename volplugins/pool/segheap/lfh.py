@@ -11,7 +11,7 @@ from .. import poolheader
 from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_BODY, Columns, columns
 from ..kernel import PAGE_SIZE, Fields, Kernel
 from ..model import Backing, Chunk, Finding
-from .chunks import Decoded, Walk, cached_rows, pool_chunk
+from .chunks import Decoded, Walk, cached_rows, pool_chunk, quota_rows
 from .decoders import decode_lfh_offsets
 from .layout import SegHeapLayout, reports_missing_symbols
 
@@ -122,7 +122,7 @@ def _lfh_blocks_at(subsegments: list[LfhSubsegment], owner: np.ndarray, offsets:
     positions = (np.cumsum(lengths) - lengths + leads)[owner] + offsets
     fields = Fields(b"".join(data or b"" for data in buffers))
     kinds = fields.field(positions, pool_layout.pool_type)
-    special = allocated & ((kinds & np.uint64(pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT)) != 0)
+    special = allocated & ((kinds & np.uint64(pool_layout.cache_aligned_bit)) != 0)
     others += [_block(subsegments[at], offset, True) for at, offset in zip(owner[special].tolist(),
                                                                            offsets[special].tolist())]
     plain = ~special
@@ -136,8 +136,9 @@ def _lfh_blocks_at(subsegments: list[LfhSubsegment], owner: np.ndarray, offsets:
     states = np.where(allocated, np.where(cached, CACHED_FREE, ALLOCATED), FREE)
     previous = fields.field(positions, pool_layout.previous_size) * np.uint64(unit)
     block_sizes = np.array([item.block_size for item in subsegments], dtype=np.int64)[owner]
+    quota = quota_rows(subsegments[0].walk, fields, positions, addresses, np.where(allocated, kinds, 0))
     return columns(addresses, block_sizes, previous, fields.field(positions, pool_layout.pool_tag), states, kinds,
-                   bodies, Backing.LFH, subsegments[0].walk.pool), others
+                   bodies, Backing.LFH, subsegments[0].walk.pool, quota=quota), others
 
 
 def _block(subsegment: LfhSubsegment, offset: int, allocated: bool) -> Chunk:

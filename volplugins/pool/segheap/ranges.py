@@ -13,7 +13,7 @@ from .heaps import HeapKeys
 from .layout import reports_missing_symbols
 from .lfh import LfhSubsegment, lfh_decode, lfh_subsegment
 from .segments import PageRange
-from .vs import VsLinks, vs_follow, vs_list
+from .vs import VsLinks, vs_follow_many, vs_list
 
 
 Read = tuple[PageRange, dict[int, bytes | None] | None, bytes | None]  # a range, and its pages or bytes
@@ -46,10 +46,10 @@ def ranges_chunks(kernel: Kernel, ranges: list[Read | Finding], keys: HeapKeys,
     """:func:`range_chunks` of many busy page ranges of one heap, their VS chunks and LFH blocks decoded in one
     pass each at the end; findings (``ranges`` may hold some, met while finding the ranges) keep their order."""
     lfh: list[LfhSubsegment] = []
-    vs: list[VsLinks] = []
+    walks: list[Walk | Finding] = []
     for entry in ranges:
         if entry.__class__ is Finding:
-            yield entry
+            walks.append(entry)
             continue
         page_range, pages, data = entry
         walk = Walk.of(kernel, page_range.segment.context.heap.pool, cached)
@@ -57,8 +57,18 @@ def ranges_chunks(kernel: Kernel, ranges: list[Read | Finding], keys: HeapKeys,
             walk.pages.preload(pages)
         if data:
             walk.pages.preload_span(page_range.address, data)
+        walks.append(walk)
+    vs_ranges = [(walk, entry[0].address) for entry, walk in zip(ranges, walks)
+                 if walk.__class__ is not Finding and entry[0].kind is RangeKind.VS]
+    followed_all = iter(vs_follow_many(vs_ranges, keys.heap_key))
+    vs: list[VsLinks] = []
+    for entry, walk in zip(ranges, walks):
+        if walk.__class__ is Finding:
+            yield walk
+            continue
+        page_range = entry[0]
         if page_range.kind is RangeKind.VS:
-            followed = vs_follow(walk, page_range.address, keys.heap_key)
+            followed = next(followed_all)
             if followed.__class__ is Finding:
                 yield followed
             else:

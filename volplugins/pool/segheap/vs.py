@@ -15,11 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import poolheader
 from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_POOL_TYPE, Columns, columns, joined
 from ..kernel import MASK64, PAGE_SIZE, FieldLayout, Fields, Kernel, page_base
 from ..model import Backing, Chunk, Finding, State
-from .chunks import Walk, cached_rows, is_cached, pool_chunk
+from .chunks import Walk, cached_rows, is_cached, pool_chunk, quota_rows
 from .decoders import VsHeader, vs_block_has_pool_header, vs_pool_header_address, vs_subsegment_signature_ok
 from .layout import SegHeapLayout, reports_missing_symbols
 
@@ -78,27 +77,127 @@ class VsLinks(NamedTuple):
 
     walk: Walk
     buffer: "_Buffer"
-    links: "_Links"
-    chain: np.ndarray  # the candidates the chain goes through
+    offsets: np.ndarray  # of each chunk header of the chain in ``buffer``
+    sizes: np.ndarray  # of each chunk, header included
+    allocated: np.ndarray  # each chunk's Allocated bit
     stop: Finding | None  # what ended it early
+    joined: bytes  # the buffers of the subsegments followed together, joined: ``buffer.data`` from ``at`` on
+    at: int
 
 
 def vs_follow(walk: Walk, subsegment: int, heap_key: int) -> VsLinks | Finding:
     """The chain of the VS subsegment at ``subsegment``, or why it has none."""
-    layout = walk.layout
-    head = walk.pages.read(subsegment, layout.vs_subsegment_size)
-    if head is None:
-        return Finding(subsegment, "VS subsegment header unreadable")
-    size = layout.vs_sub_size.extract(head)
-    signature = layout.vs_sub_signature.extract(head)
-    if not vs_subsegment_signature_ok(size, signature):
-        return Finding(subsegment, f"VS subsegment signature {signature:#x} does not match size {size:#x}")
-    end = subsegment + size * layout.unit
-    first = subsegment + -(-layout.vs_subsegment_size // layout.unit) * layout.unit
-    buffer = _Buffer(*walk.pages.buffer(first, end))
-    links = _Links(buffer, first, end, heap_key, layout)
-    chain, stop = links.follow()
-    return VsLinks(walk, buffer, links, chain, stop)
+    return vs_follow_many([(walk, subsegment)], heap_key)[0]
+
+
+def vs_follow_many(subsegments: list[tuple[Walk, int]], heap_key: int) -> list[VsLinks | Finding]:
+    """:func:`vs_follow` of many VS subsegments of one heap (each with its walk), their chunk header candidates
+    decoded in one pass: a subsegment holds a few thousand candidates, too few to pay for numpy on its own."""
+    found: list[VsLinks | Finding | None] = []
+    spans: list[tuple[int, Walk, _Buffer, int, int]] = []  # (position, walk, buffer, first, end)
+    for walk, subsegment in subsegments:
+        layout = walk.layout
+        head = walk.pages.read(subsegment, layout.vs_subsegment_size)
+        if head is None:
+            found.append(Finding(subsegment, "VS subsegment header unreadable"))
+            continue
+        size = layout.vs_sub_size.extract(head)
+        signature = layout.vs_sub_signature.extract(head)
+        if not vs_subsegment_signature_ok(size, signature):
+            found.append(Finding(subsegment, f"VS subsegment signature {signature:#x} does not match size {size:#x}"))
+            continue
+        end = subsegment + size * layout.unit
+        first = subsegment + -(-layout.vs_subsegment_size // layout.unit) * layout.unit
+        spans.append((len(found), walk, _Buffer(*walk.pages.buffer(first, end)), first, end))
+        found.append(None)
+    if spans:
+        layout = spans[0][1].layout
+        bounds = [(buffer, first, end) for _, _, buffer, first, end in spans]
+        joined = b"".join(buffer.data for buffer, _, _ in bounds)
+        lengths = np.array([len(buffer.data) for buffer, _, _ in bounds], dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths  # of each buffer in ``joined``
+        clean = _clean_chains(bounds, joined, starts, heap_key, layout)
+        rest = [index for index, chain in enumerate(clean) if chain is None]
+        for index, links in zip(rest, _Links.many([bounds[index] for index in rest], heap_key, layout)):
+            chain, stop = links.follow()
+            clean[index] = (links.offsets[chain], links.sizes[chain], links.allocated[chain], stop)
+        for (position, walk, buffer, _, _), (offsets, sizes, allocated, stop), at in zip(spans, clean,
+                                                                                       starts.tolist()):
+            found[position] = VsLinks(walk, buffer, offsets, sizes, allocated, stop, joined, at)
+    return found
+
+
+def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: np.ndarray, heap_key: int,
+                  layout: SegHeapLayout) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, None] | None]:
+    """The chains of many subsegments ((buffer, first chunk, end) each; their buffers joined in ``data``, each
+    from ``starts``) followed side by side, one header of each
+    per step: (header offsets, sizes, Allocated bits, None) of each chain that runs cleanly to its subsegment's
+    end, None for one that does not (:class:`_Links` then decodes every candidate of that subsegment to find out
+    where and why it breaks, and to pick it up again).
+
+    Only the headers on the chain are decoded: a subsegment has a few thousand pool-block boundaries but a few
+    dozen chunks.  A chain is clean when :meth:`_Links.follow` would take it whole: every size fits, every header
+    is readable and every PreviousSize matches the size before it.
+    """
+    unit, header_size = layout.unit, layout.vs_header_size
+    count = len(spans)
+    leads = np.array([first - buffer.base for buffer, first, _ in spans], dtype=np.int64)
+    firsts = np.array([first for _, first, _ in spans], dtype=np.uint64)
+    room = np.array([end - first for _, first, end in spans], dtype=np.int64)
+    held = np.array([min(end, buffer.end) - first for buffer, first, end in spans], dtype=np.int64)
+    fields = Fields(data)
+    missing = _missing_pages(spans, starts, len(data))
+    key = np.uint64(heap_key & MASK64)
+    at = np.zeros(count, dtype=np.int64)  # each chain's next header, from its first chunk
+    expected = np.full(count, -1, dtype=np.int64)  # the size its PreviousSize must give (-1: first link)
+    broken = np.array([bool(buffer.holes) and (buffer.base % PAGE_SIZE or len(buffer.data) % PAGE_SIZE)
+                       for buffer, _, _ in spans], dtype=bool)  # holes the joined pages cannot place
+    steps: list[tuple[np.ndarray, ...]] = []
+    active = np.flatnonzero(~broken)
+    while len(active):
+        here = at[active]
+        going = here + header_size <= room[active]
+        active, here = active[going], here[going]
+        inside = here + header_size <= held[active]
+        broken[active[~inside]] = True
+        active, here = active[inside], here[inside]
+        joined = starts[active] + leads[active] + here
+        words = fields.field(joined, layout.vs_header_bits) ^ (firsts[active] + here.astype(np.uint64)) ^ key
+        sizes = (_column(words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
+        previous = (_column(words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
+        fits = (sizes >= header_size) & (here + sizes <= room[active])
+        fits &= (expected[active] < 0) | (previous == expected[active])
+        if missing is not None:
+            fits &= ~missing[joined // PAGE_SIZE] & ~missing[(joined + header_size - 1) // PAGE_SIZE]
+        broken[active[~fits]] = True
+        active, here, sizes = active[fits], here[fits], sizes[fits]
+        steps.append((active, leads[active] + here, sizes, _column(words[fits], layout.vs_allocated) != 0))
+        expected[active] = sizes
+        at[active] = here + sizes
+    if not steps:
+        return [None if broken[index] else _empty_chain() for index in range(count)]
+    owners, offsets, sizes, allocated = (np.concatenate(column) for column in zip(*steps))
+    order = np.argsort(owners, kind="stable")  # each chain's links stay in step order
+    edges = np.searchsorted(owners[order], np.arange(count + 1)).tolist()
+    return [None if broken[index] else (offsets[mine], sizes[mine], allocated[mine], None)
+            for index, mine in enumerate(order[edges[index] : edges[index + 1]] for index in range(count))]
+
+
+def _empty_chain() -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+    nothing = np.zeros(0, dtype=np.int64)
+    return nothing, nothing, np.zeros(0, dtype=bool), None
+
+
+def _missing_pages(spans: list[tuple["_Buffer", int, int]], starts: np.ndarray, size: int) -> np.ndarray | None:
+    """Which pages of the subsegments' buffers joined into one could not be read (None: all could).  A buffer
+    with holes holds whole pages from a page boundary, so its pages are pages of the joined bytes."""
+    if not any(buffer.holes for buffer, _, _ in spans):
+        return None
+    missing = np.zeros(size // PAGE_SIZE + 1, dtype=bool)
+    for (buffer, _, _), start in zip(spans, starts.tolist()):
+        for page in buffer.holes if buffer.base % PAGE_SIZE == 0 == len(buffer.data) % PAGE_SIZE else ():
+            missing[(start + page - buffer.base) // PAGE_SIZE] = True
+    return missing
 
 
 class _Buffer:
@@ -123,19 +222,41 @@ class _Links:
     list lookups per chunk.
     """
 
-    def __init__(self, buffer: _Buffer, first: int, end: int, heap_key: int, layout: SegHeapLayout):
+    def __init__(self, first: int, end: int, layout: SegHeapLayout, offsets: np.ndarray, words: np.ndarray,
+                 sizes: np.ndarray, previous: np.ndarray, allocated: np.ndarray, readable: np.ndarray | None):
         self.first, self.end, self.layout = first, end, layout
+        self.count = len(offsets)
+        self.offsets = offsets  # of each candidate in the subsegment's buffer
+        self.words = words  # each candidate's header word, decoded
+        self.sizes, self.previous, self.allocated = sizes, previous, allocated  # in bytes; the Allocated bit
+        self.readable = readable  # None: every candidate is
+
+    @classmethod
+    def many(cls, spans: list[tuple[_Buffer, int, int]], heap_key: int, layout: SegHeapLayout) -> list["_Links"]:
+        """The candidates of many subsegments ((buffer, first chunk, end) each), decoded in one pass."""
         unit, header_size = layout.unit, layout.vs_header_size
-        last = min(end, buffer.end) - header_size  # the last address a header can be read from
-        self.count = (last - first) // unit + 1 if last >= first else 0
-        steps = np.arange(self.count, dtype=np.uint64)
-        self.offsets = np.int64(first - buffer.base) + steps.astype(np.int64) * unit
-        raw = Fields(buffer.data).field(self.offsets, layout.vs_header_bits)
-        self.words = raw ^ (np.uint64(first) + steps * np.uint64(unit)) ^ np.uint64(heap_key & MASK64)
-        self.sizes = (_column(self.words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
-        self.previous = (_column(self.words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
-        self.allocated = _column(self.words, layout.vs_allocated) != 0
-        self.readable = buffer.readable(self.offsets, header_size) if buffer.holes else None
+        counts = np.array([max((min(end, buffer.end) - header_size - first) // unit + 1, 0)
+                           for buffer, first, end in spans], dtype=np.int64)
+        lengths = np.array([len(buffer.data) for buffer, _, _ in spans], dtype=np.int64)
+        owner = np.repeat(np.arange(len(spans)), counts)
+        steps = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        firsts = np.array([first for _, first, _ in spans], dtype=np.uint64)
+        leads = np.array([first - buffer.base for buffer, first, _ in spans], dtype=np.int64)
+        offsets = leads[owner] + steps * unit
+        raw = Fields(b"".join(buffer.data for buffer, _, _ in spans)).field(
+            (np.cumsum(lengths) - lengths)[owner] + offsets, layout.vs_header_bits)
+        words = raw ^ (firsts[owner] + steps.astype(np.uint64) * np.uint64(unit)) ^ np.uint64(heap_key & MASK64)
+        sizes = (_column(words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
+        previous = (_column(words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
+        allocated = _column(words, layout.vs_allocated) != 0
+        bounds = np.cumsum(counts).tolist()
+        out = []
+        for (buffer, first, end), low, high in zip(spans, [0] + bounds[:-1], bounds):
+            mine = offsets[low:high]
+            readable = buffer.readable(mine, header_size) if buffer.holes else None
+            out.append(cls(first, end, layout, mine, words[low:high], sizes[low:high], previous[low:high],
+                           allocated[low:high], readable))
+        return out
 
     def follow(self) -> tuple[np.ndarray, Finding | None]:
         """The candidates the chain goes through, and the finding that ended it early (None: it reached the end).
@@ -248,7 +369,7 @@ def vs_list(followed: list[VsLinks]) -> tuple[Columns | None, list[VsChain]]:
     busy_rows = columns(addresses, fields.field(at, layout.pool.block_size) * np.uint64(unit),
                         fields.field(at, layout.pool.previous_size) * np.uint64(unit),
                         fields.field(at, layout.pool.pool_tag), np.where(cached, CACHED_FREE, ALLOCATED), pool_types,
-                        bodies, Backing.VS, walk.pool)
+                        bodies, Backing.VS, walk.pool, quota=quota_rows(walk, fields, at, addresses, pool_types))
     source = np.concatenate([free, busy])  # the chain row of every plain row
     plain = joined(free_rows, busy_rows)
     starts = rows.chunks[source]
@@ -268,21 +389,22 @@ class _ChainRows:
     chunk header lies in the chains' buffers joined into one."""
 
     def __init__(self, followed: list[VsLinks]):
-        unit = followed[0].walk.layout.unit
         lengths = np.array([len(item.buffer.data) for item in followed], dtype=np.int64)
-        self.data = b"".join(item.buffer.data for item in followed)
+        if all(item.joined is followed[0].joined for item in followed):  # followed together: joined already
+            self.data = followed[0].joined
+            self.offsets = np.array([item.at for item in followed], dtype=np.int64)
+        else:
+            self.data = b"".join(item.buffer.data for item in followed)
+            self.offsets = np.cumsum(lengths) - lengths  # where each chain's buffer starts in ``data``
         self.fields = Fields(self.data)
         self.lengths = lengths
-        self.offsets = np.cumsum(lengths) - lengths  # where each chain's buffer starts in ``data``
         self.bases = np.array([item.buffer.base for item in followed], dtype=np.uint64)
-        self.owner = np.repeat(np.arange(len(followed)), [len(item.chain) for item in followed])
-        candidates = np.concatenate([item.chain for item in followed]).astype(np.int64)
-        firsts = np.array([item.links.first for item in followed], dtype=np.uint64)
-        self.chunks = firsts[self.owner] + candidates.astype(np.uint64) * np.uint64(unit)
-        self.local = np.concatenate([item.links.offsets[item.chain] for item in followed]).astype(np.int64)
+        self.owner = np.repeat(np.arange(len(followed)), [len(item.offsets) for item in followed])
+        self.local = np.concatenate([item.offsets for item in followed]).astype(np.int64)
+        self.chunks = self.bases[self.owner] + self.local.astype(np.uint64)
         self.joined = self.offsets[self.owner] + self.local
-        self.sizes = np.concatenate([item.links.sizes[item.chain] for item in followed]).astype(np.int64)
-        self.allocated = np.concatenate([item.links.allocated[item.chain] for item in followed])
+        self.sizes = np.concatenate([item.sizes for item in followed]).astype(np.int64)
+        self.allocated = np.concatenate([item.allocated for item in followed])
         self.followed = followed
 
 
@@ -295,8 +417,8 @@ def _grouped(owners: np.ndarray, count: int) -> list[np.ndarray]:
 
 def _pool_headers(rows: _ChainRows, layout: SegHeapLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The allocated rows with a plain pool header, with (offset in their buffer, PoolType) of that header;
-    chunks that need more (no header, a header on an unreadable page, a cache-aligned body, a quota charge)
-    are left to the general path."""
+    chunks that need more (no header, a header on an unreadable page, a cache-aligned body) are left to the
+    general path."""
     unit, header_size, pool_layout = layout.unit, layout.vs_header_size, layout.pool
     busy = np.flatnonzero(rows.allocated)
     owner = rows.owner[busy]
@@ -313,7 +435,7 @@ def _pool_headers(rows: _ChainRows, layout: SegHeapLayout) -> tuple[np.ndarray, 
             plain[mine] &= item.buffer.readable(headers[mine], unit)
     busy, headers = busy[plain], headers[plain]
     pool_types = rows.fields.field(rows.offsets[rows.owner[busy]] + headers, pool_layout.pool_type)
-    plain = (pool_types & np.uint64(pool_layout.cache_aligned_bit | poolheader.QUOTA_BIT)) == 0
+    plain = (pool_types & np.uint64(pool_layout.cache_aligned_bit)) == 0
     return busy[plain], headers[plain], pool_types[plain]
 
 

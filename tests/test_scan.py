@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
 from volplugins.pool import owner, scan, segheap
+from volplugins.pool.segheap import vs
 from volplugins.pool.model import Backing, Chunk, State
 from volplugins.pool.tags import tag_text
 
@@ -235,3 +238,16 @@ def test_owner_lookup_and_census_agree_chunk_for_chunk(sample):
         if listed != chunks:
             differing.append((hex(page), chunks, listed))
     assert len(census) > 50 and differing == []
+
+
+def test_vs_chains_followed_side_by_side_or_one_by_one_give_the_same_scan(sample, monkeypatch):
+    """Chains followed side by side (only the headers on them decoded) and one subsegment at a time (every
+    candidate decoded) list the same chunks and findings."""
+    if not sample.segment_heap:
+        pytest.skip("classic pool has no VS subsegments")
+    monkeypatch.setattr(vs, "SIDE_BY_SIDE", 1)
+    side_by_side = scan.scan_pools(sample.kernel)
+    monkeypatch.setattr(vs, "SIDE_BY_SIDE", 1 << 30)
+    one_by_one = scan.scan_pools(sample.kernel)
+    assert side_by_side.chunks == one_by_one.chunks and side_by_side.findings == one_by_one.findings
+    assert len(side_by_side.chunks) > 1000

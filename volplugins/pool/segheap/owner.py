@@ -20,7 +20,7 @@ from .lfh import LfhSubsegment, lfh_decode, lfh_subsegment
 from .reads import read_field
 from .segments import Descriptors, PageRange, Segment, range_of, read_descriptors, signature_owner
 from .validation import listed, listed_contexts, segment_holding
-from .vs import Extent, VsLinks, vs_follow, vs_list, vs_stopped
+from .vs import Extent, vs_follow_many, vs_list, vs_stopped
 
 
 @dataclass(frozen=True)
@@ -149,16 +149,18 @@ def _walk_ranges(kernel: Kernel, ranges: list[PageRange], keys: HeapKeys, cached
     one pass."""
     walked: _Walked = {}
     lfh: list[tuple[PageRange, LfhSubsegment | Finding]] = []
-    vs: list[tuple[PageRange, VsLinks | Finding]] = []
+    vs_walks: list[tuple[PageRange, Walk]] = []
     for page_range in sorted(ranges, key=lambda found: found.address):
         walk = Walk.of(kernel, page_range.segment.context.heap.pool, cached)
         data, missing = kernel.read_table(page_range.address, page_range.size)
         if not missing:
             walk.pages.preload_span(page_range.address, data)
         if page_range.kind is RangeKind.VS:
-            vs.append((page_range, vs_follow(walk, page_range.address, keys.heap_key)))
+            vs_walks.append((page_range, walk))
         else:
             lfh.append((page_range, lfh_subsegment(walk, page_range.address, keys.lfh_key, page_range.size)))
+    followed_all = vs_follow_many([(walk, page_range.address) for page_range, walk in vs_walks], keys.heap_key)
+    vs = [(page_range, followed) for (page_range, _), followed in zip(vs_walks, followed_all)]
     _, chains = vs_list([followed for _, followed in vs if followed.__class__ is not Finding])
     chains.reverse()
     for page_range, followed in vs:

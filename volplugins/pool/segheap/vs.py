@@ -22,6 +22,7 @@ from .chunks import Walk, cached_rows, is_cached, pool_chunk, quota_rows
 from .decoders import VsHeader, vs_block_has_pool_header, vs_pool_header_address, vs_subsegment_signature_ok
 from .layout import SegHeapLayout, reports_missing_symbols
 
+SIDE_BY_SIDE = 32  # subsegments from which chains are followed side by side (each step costs the same for all)
 Extent = tuple[Chunk | Finding, int, int]  # an item and the [start, end) of its VS chunk, chunk header included
 
 
@@ -116,7 +117,8 @@ def vs_follow_many(subsegments: list[tuple[Walk, int]], heap_key: int) -> list[V
         joined = b"".join(buffer.data for buffer, _, _ in bounds)
         lengths = np.array([len(buffer.data) for buffer, _, _ in bounds], dtype=np.int64)
         starts = np.cumsum(lengths) - lengths  # of each buffer in ``joined``
-        clean = _clean_chains(bounds, joined, starts, heap_key, layout)
+        clean = (_clean_chains(bounds, joined, starts, heap_key, layout) if len(spans) >= SIDE_BY_SIDE
+                 else [None] * len(spans))
         rest = [index for index, chain in enumerate(clean) if chain is None]
         for index, links in zip(rest, _Links.many([bounds[index] for index in rest], heap_key, layout)):
             chain, stop = links.follow()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 
 from volplugins.pool import owner, scan, segheap
 from volplugins.pool.segheap import vs
+from volplugins.pool.columns import Columns
 from volplugins.pool.model import Backing, Chunk, State
 from volplugins.pool.tags import tag_text
 
@@ -251,3 +253,16 @@ def test_vs_chains_followed_side_by_side_or_one_by_one_give_the_same_scan(sample
     one_by_one = scan.scan_pools(sample.kernel)
     assert side_by_side.chunks == one_by_one.chunks and side_by_side.findings == one_by_one.findings
     assert len(side_by_side.chunks) > 1000
+
+
+def test_records_of_a_few_rows_equal_those_of_all_rows(sample):
+    """An owner lookup makes the records of a page's few rows field by field; they equal the records made from
+    whole columns."""
+    found = [item for batch in scan._batches(sample.kernel, None, scan.Coverage()) for item in batch
+             if isinstance(item, Columns) and len(item) > 40]
+    assert found
+    for item in found[:20]:
+        every = item.chunks()
+        rows = np.arange(0, len(item), 3)[:12]
+        assert item.chunks(rows) == [every[row] for row in rows.tolist()]
+    assert any(chunk.quota_process for item in found for chunk in item.chunks())  # the quota column too

@@ -15,7 +15,7 @@ import numpy as np
 from . import poolheader, regions, segheap
 from .bigpages import BigAllocation, BigPageTable
 from .kernel import Kernel
-from .model import Chunk, Finding, State
+from .model import Chunk, Finding, State, new_chunk
 
 _REGION_POOLS = {"Paged pool": "Paged", "Session pool": "Session"}
 
@@ -32,15 +32,18 @@ def _big_pool(kernel: Kernel, pool_type: int | None, region: str) -> str:
     return "NonPagedNx" if pool_type & layout.nx_bit else "NonPaged"
 
 
-def big_chunk(kernel: Kernel, big: BigAllocation, region: str = "") -> Chunk:
+def big_chunk(kernel: Kernel, big: BigAllocation, region: str = "", walked: Chunk | None = None) -> Chunk:
     """A big page table entry as a chunk: freed entries are Free, Large/Big as the segment heap decides.
 
-    ``region`` (the region name holding the address) names the pool when the entry keeps no PoolType.
+    ``region`` (the region name holding the address) names the pool when the entry keeps no PoolType; a block a
+    heap walk found without a header (``walked``) keeps the pool and state the walk gave it.
     """
-    state = State.FREE if big.free else State.ALLOCATED
-    pool = _big_pool(kernel, big.pool_type, region)
-    return Chunk(big.va, big.size, 0, big.tag, state, segheap.big_backing(kernel, big.size), pool, big.pool_type,
-                 body=big.va)
+    if walked is not None:
+        state, pool = walked.state, walked.pool
+    else:
+        state, pool = State.FREE if big.free else State.ALLOCATED, _big_pool(kernel, big.pool_type, region)
+    return new_chunk(big.va, big.size, 0, big.tag, state, segheap.big_backing(kernel, big.size), pool,
+                     big.pool_type, big.va)
 
 
 class Extents:

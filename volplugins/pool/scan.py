@@ -336,8 +336,7 @@ def _named_by_big_table(kernel: Kernel, chunk: Chunk,
                                      " and no big page table entry")
         yield chunk
         return
-    named = bigchunks.big_chunk(kernel, entry)
-    yield replace(named, pool=chunk.pool, state=chunk.state)
+    yield bigchunks.big_chunk(kernel, entry, walked=chunk)
 
 
 def _read_range(kernel: Kernel, start: int, size: int, coverage: Coverage,

@@ -119,12 +119,14 @@ def _slist_entries(kernel: Kernel, header: bytes, base: int, next_entry: FieldLa
     """Entries of an x64 ``_SLIST_HEADER``: ``HeaderX64.NextEntry`` holds the first entry's address >> 4,
     each ``_SLIST_ENTRY.Next`` the full address of the next."""
     link = kernel.field_offset("_SLIST_ENTRY", "Next")
+    width = kernel.type_size("pointer")
     entry = next_entry.extract(header, base) << next_entry.bit_position
     seen: set[int] = set()
     while entry and entry not in seen and len(seen) < MAX_SLIST_ENTRIES:
         seen.add(entry)
         yield entry
-        entry = read_pointer(kernel, entry + link)
+        data, missing = kernel.read_table(entry + link, width)  # thousands of links: translated in bulk
+        entry = 0 if missing else int.from_bytes(data, "little")
 
 
 @per_kernel

@@ -44,24 +44,19 @@ class Columns:
 
     def chunks(self, rows: np.ndarray | None = None) -> list[Chunk]:
         """The records of every chunk (or of the chunks at ``rows``), in column order."""
-        if rows is not None and len(rows) <= _FEW_ROWS:  # an owner lookup's page: field by field is cheaper
-            return [self._chunk(row) for row in rows.tolist()]
-        take = (lambda column: column.tolist()) if rows is None else (lambda column: column[rows].tolist())
+        fields = [getattr(self, name) for name in _ARRAYS]
+        if rows is None:
+            values = [column.tolist() for column in fields]
+        elif len(rows) <= _FEW_ROWS:  # an owner lookup's page: value by value is cheaper than slicing each column
+            values = [[column.item(row) for row in rows.tolist()] for column in fields]
+        else:
+            values = [column[rows].tolist() for column in fields]
         width, backing, pools = self.tag_size, self.backing, self.pools
         return [
             new_chunk(address, size, previous_size, tag.to_bytes(width, "little"), STATES[state], backing,
                       pools[pool], None if pool_type == NO_POOL_TYPE else pool_type, body or None, quota or None)
-            for address, size, previous_size, tag, state, pool_type, body, pool, quota in zip(
-                take(self.address), take(self.size), take(self.previous_size), take(self.tag), take(self.state),
-                take(self.pool_type), take(self.body), take(self.pool), take(self.quota))
+            for address, size, previous_size, tag, state, pool_type, body, pool, quota in zip(*values)
         ]
-
-    def _chunk(self, row: int) -> Chunk:
-        pool_type, body, quota = int(self.pool_type[row]), int(self.body[row]), int(self.quota[row])
-        return new_chunk(int(self.address[row]), int(self.size[row]), int(self.previous_size[row]),
-                         int(self.tag[row]).to_bytes(self.tag_size, "little"), STATES[self.state[row]], self.backing,
-                         self.pools[self.pool[row]], None if pool_type == NO_POOL_TYPE else pool_type, body or None,
-                         quota or None)
 
     def holding(self, marks: np.ndarray) -> list[Chunk]:
         """The chunks that hold any of the sorted addresses ``marks`` (uint64)."""

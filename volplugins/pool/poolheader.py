@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 from volatility3.framework import exceptions
 
-from .kernel import MASK64, SYMBOLS_MISSING, FieldLayout, Kernel, per_kernel
+from .kernel import MASK64, SYMBOLS_MISSING, FieldLayout, Fields, Kernel, per_kernel
 
 # The quota bit (POOL_QUOTA_FAIL_INSTEAD_OF_RAISE) and the in-use bit are wdm.h / pool defines no ISF
 # carries; the other bits come from the ISF's _POOL_TYPE enum, with these wdm.h values when it lacks them.
@@ -156,6 +156,15 @@ def quota_column(raw: np.ndarray, header_addresses: np.ndarray, pool_types: np.n
     told = (raw != 0) & ((pool_types.astype(np.uint64) & np.uint64(QUOTA_BIT)) != 0)
     told &= ((value >> np.uint64(bits - 1)) != 0) & (value % np.uint64(8) == 0)
     return np.where(told, value, none)
+
+
+def charged_processes(fields: Fields, positions: np.ndarray, addresses: np.ndarray, pool_types: np.ndarray,
+                      layout: HeaderLayout, cookie: int | None) -> np.ndarray | None:
+    """:func:`quota_column` of the pool headers at ``positions`` of ``fields`` (at ``addresses``; ``pool_types``:
+    0 for a free chunk); None when no header has the quota bit."""
+    if layout.process_billed is None or not (pool_types.astype(np.uint64) & np.uint64(QUOTA_BIT)).any():
+        return None
+    return quota_column(fields.field(positions, layout.process_billed), addresses, pool_types, layout, cookie)
 
 
 def charged_process(header: PoolHeader, header_address: int, layout: HeaderLayout, cookie: int | None) -> int | None:

@@ -685,14 +685,14 @@ def _classic_chunks(data: bytes, headers: Fields, where: np.ndarray, pages: np.n
     addresses = pages[where // page_size] + (where % page_size).astype(np.uint64)
     kinds, pool_index = np.unique(types, return_inverse=True)
     pools = tuple(decoder.pool_name(kind) if kind else pool for kind in kinds.tolist())
-    charged = layout.process_billed is not None and (types & np.uint64(poolheader.QUOTA_BIT)).any()
-    quota = (poolheader.quota_column(headers.field(where, layout.process_billed), addresses, types, layout,
-                                     decoder.cookie) if charged else np.zeros(len(where), dtype=np.uint64))
+    quota = poolheader.charged_processes(headers, where, addresses, types, layout, decoder.cookie)
     yield Columns(addresses, (headers.field(where, layout.block_size) * np.uint64(unit)).astype(np.int64),
                   (headers.field(where, layout.previous_size) * np.uint64(unit)).astype(np.int64),
                   headers.field(where, layout.pool_tag), np.where(allocated, ALLOCATED, FREE).astype(np.uint8),
                   types.astype(np.int64), np.where(allocated, addresses + np.uint64(unit), np.uint64(NO_BODY)),
-                  pool_index.astype(np.uint8).reshape(-1), quota, pools, Backing.PAGE, layout.pool_tag.size)
+                  pool_index.astype(np.uint8).reshape(-1),
+                  np.zeros(len(where), dtype=np.uint64) if quota is None else quota, pools, Backing.PAGE,
+                  layout.pool_tag.size)
 
 
 def _broken_pages(data: bytes, addresses: np.ndarray, pages: list[int], starts: np.ndarray,

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import poolheader
 from ..columns import Columns
-from ..kernel import Fields, Kernel
+from ..kernel import Kernel
 from ..model import Backing, Chunk, State
 from ..poolheader import PoolHeader
 from .layout import SegHeapLayout, layout_of
@@ -93,17 +93,6 @@ def cached_rows(cached: frozenset[int], *addresses: np.ndarray) -> np.ndarray:
         for column in addresses:
             hit |= known[np.minimum(np.searchsorted(known, column), len(known) - 1)] == column
     return hit
-
-
-def quota_rows(walk: Walk, fields: Fields, positions: np.ndarray, addresses: np.ndarray,
-               pool_types: np.ndarray) -> np.ndarray | None:
-    """The processes charged for the pool headers at buffer ``positions`` (at ``addresses``; ``pool_types``: 0 for
-    a free chunk), as :func:`pool_chunk` tells them; None when no header has the quota bit."""
-    layout = walk.layout.pool
-    if layout.process_billed is None or not (pool_types.astype(np.uint64) & np.uint64(poolheader.QUOTA_BIT)).any():
-        return None
-    return poolheader.quota_column(fields.field(positions, layout.process_billed), addresses, pool_types, layout,
-                                   walk.cookie)
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,7 +11,7 @@ from .. import poolheader
 from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_BODY, Columns, columns
 from ..kernel import PAGE_SIZE, Fields, Kernel
 from ..model import Backing, Chunk, Finding
-from .chunks import Decoded, Walk, cached_rows, pool_chunk, quota_rows
+from .chunks import Decoded, Walk, cached_rows, pool_chunk
 from .decoders import decode_lfh_offsets
 from .layout import SegHeapLayout, reports_missing_symbols
 
@@ -105,7 +105,8 @@ def _lfh_blocks_at(subsegments: list[LfhSubsegment], owner: np.ndarray, offsets:
                    allocated: np.ndarray) -> tuple[Columns | None, list[Chunk]]:
     """LFH blocks decoded from one buffer of their subsegments' pages, every header at once; blocks whose header
     needs the full decode, or whose subsegment's pages cannot all be read, as records read block by block."""
-    layout = subsegments[0].walk.layout
+    walk = subsegments[0].walk
+    layout = walk.layout
     unit, pool_layout = layout.unit, layout.pool
     ends = np.zeros(len(subsegments), dtype=np.int64)
     np.maximum.at(ends, owner, offsets + unit)
@@ -132,13 +133,14 @@ def _lfh_blocks_at(subsegments: list[LfhSubsegment], owner: np.ndarray, offsets:
         return None, others
     addresses = (starts + leads.astype(np.uint64))[owner] + offsets.astype(np.uint64)
     bodies = np.where(allocated, addresses + np.uint64(unit), np.uint64(NO_BODY))
-    cached = allocated & cached_rows(subsegments[0].walk.cached, addresses, bodies)
+    cached = allocated & cached_rows(walk.cached, addresses, bodies)
     states = np.where(allocated, np.where(cached, CACHED_FREE, ALLOCATED), FREE)
     previous = fields.field(positions, pool_layout.previous_size) * np.uint64(unit)
     block_sizes = np.array([item.block_size for item in subsegments], dtype=np.int64)[owner]
-    quota = quota_rows(subsegments[0].walk, fields, positions, addresses, np.where(allocated, kinds, 0))
+    quota = poolheader.charged_processes(fields, positions, addresses, np.where(allocated, kinds, 0), pool_layout,
+                                         walk.cookie)
     return columns(addresses, block_sizes, previous, fields.field(positions, pool_layout.pool_tag), states, kinds,
-                   bodies, Backing.LFH, subsegments[0].walk.pool, quota=quota), others
+                   bodies, Backing.LFH, walk.pool, quota=quota), others
 
 
 def _block(subsegment: LfhSubsegment, offset: int, allocated: bool) -> Chunk:

@@ -15,10 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import poolheader
 from ..columns import ALLOCATED, CACHED_FREE, FREE, NO_POOL_TYPE, Columns, columns, joined
 from ..kernel import MASK64, PAGE_SIZE, FieldLayout, Fields, Kernel, page_base
 from ..model import Backing, Chunk, Finding, State
-from .chunks import Walk, cached_rows, is_cached, pool_chunk, quota_rows
+from .chunks import Walk, cached_rows, is_cached, pool_chunk
 from .decoders import VsHeader, vs_block_has_pool_header, vs_pool_header_address, vs_subsegment_signature_ok
 from .layout import SegHeapLayout, reports_missing_symbols
 
@@ -120,7 +121,8 @@ def vs_follow_many(subsegments: list[tuple[Walk, int]], heap_key: int) -> list[V
         clean = (_clean_chains(bounds, joined, starts, heap_key, layout) if len(spans) >= SIDE_BY_SIDE
                  else [None] * len(spans))
         rest = [index for index, chain in enumerate(clean) if chain is None]
-        for index, links in zip(rest, _Links.many([bounds[index] for index in rest], heap_key, layout)):
+        every = _Links.many([bounds[index] for index in rest], joined, starts[rest], heap_key, layout)
+        for index, links in zip(rest, every):
             chain, stop = links.follow()
             clean[index] = (links.offsets[chain], links.sizes[chain], links.allocated[chain], stop)
         for (position, walk, buffer, _, _), (offsets, sizes, allocated, stop), at in zip(spans, clean,
@@ -132,8 +134,8 @@ def vs_follow_many(subsegments: list[tuple[Walk, int]], heap_key: int) -> list[V
 def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: np.ndarray, heap_key: int,
                   layout: SegHeapLayout) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, None] | None]:
     """The chains of many subsegments ((buffer, first chunk, end) each; their buffers joined in ``data``, each
-    from ``starts``) followed side by side, one header of each
-    per step: (header offsets, sizes, Allocated bits, None) of each chain that runs cleanly to its subsegment's
+    from ``starts``) followed side by side, one header of each per step: (header offsets, sizes, Allocated bits,
+    None) of each chain that runs cleanly to its subsegment's
     end, None for one that does not (:class:`_Links` then decodes every candidate of that subsegment to find out
     where and why it breaks, and to pick it up again).
 
@@ -152,8 +154,7 @@ def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: 
     key = np.uint64(heap_key & MASK64)
     at = np.zeros(count, dtype=np.int64)  # each chain's next header, from its first chunk
     expected = np.full(count, -1, dtype=np.int64)  # the size its PreviousSize must give (-1: first link)
-    broken = np.array([bool(buffer.holes) and (buffer.base % PAGE_SIZE or len(buffer.data) % PAGE_SIZE)
-                       for buffer, _, _ in spans], dtype=bool)  # holes the joined pages cannot place
+    broken = np.array([bool(buffer.holes) and not buffer.whole_pages for buffer, _, _ in spans], dtype=bool)
     steps: list[tuple[np.ndarray, ...]] = []
     active = np.flatnonzero(~broken)
     while len(active):
@@ -191,13 +192,14 @@ def _empty_chain() -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
 
 
 def _missing_pages(spans: list[tuple["_Buffer", int, int]], starts: np.ndarray, size: int) -> np.ndarray | None:
-    """Which pages of the subsegments' buffers joined into one could not be read (None: all could).  A buffer
-    with holes holds whole pages from a page boundary, so its pages are pages of the joined bytes."""
+    """Which pages of the subsegments' buffers joined into one could not be read (None: all could).  Only the
+    holes of buffers of whole pages are placed: their pages are pages of the joined bytes (a chain over any
+    other buffer with holes is not followed side by side)."""
     if not any(buffer.holes for buffer, _, _ in spans):
         return None
     missing = np.zeros(size // PAGE_SIZE + 1, dtype=bool)
     for (buffer, _, _), start in zip(spans, starts.tolist()):
-        for page in buffer.holes if buffer.base % PAGE_SIZE == 0 == len(buffer.data) % PAGE_SIZE else ():
+        for page in buffer.holes if buffer.whole_pages else ():
             missing[(start + page - buffer.base) // PAGE_SIZE] = True
     return missing
 
@@ -207,6 +209,11 @@ class _Buffer:
 
     def __init__(self, data: bytes, base: int, holes: frozenset[int]):
         self.data, self.base, self.holes, self.end = data, base, holes, base + len(data)
+
+    @property
+    def whole_pages(self) -> bool:
+        """Whether the buffer holds whole pages from a page boundary."""
+        return self.base % PAGE_SIZE == 0 == len(self.data) % PAGE_SIZE
 
     def readable(self, offsets: np.ndarray, size: int) -> np.ndarray:
         """Which of the ``size``-byte pieces at buffer ``offsets`` (each at most a page) avoid unreadable pages."""
@@ -234,19 +241,19 @@ class _Links:
         self.readable = readable  # None: every candidate is
 
     @classmethod
-    def many(cls, spans: list[tuple[_Buffer, int, int]], heap_key: int, layout: SegHeapLayout) -> list["_Links"]:
-        """The candidates of many subsegments ((buffer, first chunk, end) each), decoded in one pass."""
+    def many(cls, spans: list[tuple[_Buffer, int, int]], data: bytes, starts: np.ndarray, heap_key: int,
+             layout: SegHeapLayout) -> list["_Links"]:
+        """The candidates of many subsegments ((buffer, first chunk, end) each; their buffers held in ``data``,
+        each from ``starts``), decoded in one pass."""
         unit, header_size = layout.unit, layout.vs_header_size
         counts = np.array([max((min(end, buffer.end) - header_size - first) // unit + 1, 0)
                            for buffer, first, end in spans], dtype=np.int64)
-        lengths = np.array([len(buffer.data) for buffer, _, _ in spans], dtype=np.int64)
         owner = np.repeat(np.arange(len(spans)), counts)
         steps = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         firsts = np.array([first for _, first, _ in spans], dtype=np.uint64)
         leads = np.array([first - buffer.base for buffer, first, _ in spans], dtype=np.int64)
         offsets = leads[owner] + steps * unit
-        raw = Fields(b"".join(buffer.data for buffer, _, _ in spans)).field(
-            (np.cumsum(lengths) - lengths)[owner] + offsets, layout.vs_header_bits)
+        raw = Fields(data).field(starts[owner] + offsets, layout.vs_header_bits)
         words = raw ^ (firsts[owner] + steps.astype(np.uint64) * np.uint64(unit)) ^ np.uint64(heap_key & MASK64)
         sizes = (_column(words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
         previous = (_column(words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
@@ -371,7 +378,8 @@ def vs_list(followed: list[VsLinks]) -> tuple[Columns | None, list[VsChain]]:
     busy_rows = columns(addresses, fields.field(at, layout.pool.block_size) * np.uint64(unit),
                         fields.field(at, layout.pool.previous_size) * np.uint64(unit),
                         fields.field(at, layout.pool.pool_tag), np.where(cached, CACHED_FREE, ALLOCATED), pool_types,
-                        bodies, Backing.VS, walk.pool, quota=quota_rows(walk, fields, at, addresses, pool_types))
+                        bodies, Backing.VS, walk.pool,
+                        quota=poolheader.charged_processes(fields, at, addresses, pool_types, layout.pool, walk.cookie))
     source = np.concatenate([free, busy])  # the chain row of every plain row
     plain = joined(free_rows, busy_rows)
     starts = rows.chunks[source]

@@ -16,7 +16,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import conversion, format_hints
 
-from volplugins.pool import (bigpages, carve, exits, filters, listing, plugin_options, regions, scan,
+from volplugins.pool import (bigpages, carve, collector, exits, filters, listing, plugin_options, regions, scan,
                              validate)
 from volplugins.pool.filters import ChunkFilter
 from volplugins.pool.kernel import Kernel
@@ -404,7 +404,7 @@ class PoolCensus(interfaces.plugins.PluginInterface):
             "coverage": (_COVERAGE_COLUMNS, lambda: self._coverage_rows(kernel)),
         }
         columns, rows = views[view]
-        return renderers.TreeGrid(columns, rows())
+        return renderers.TreeGrid(columns, collector.fewer_collections(rows()))
 
     def _listing(self, kernel: Kernel, wanted: ChunkFilter) -> Iterable[tuple[int, tuple]]:
         """The chunk listing; with --dump every file is written before the table starts, so that an output

@@ -7,7 +7,7 @@ from typing import Iterator
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import bugcheck, plugin_options
+from volplugins.pool import bugcheck, collector, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import Chunk
@@ -66,7 +66,7 @@ class PoolCrash(interfaces.plugins.PluginInterface):
                 ("Binary", str),
                 ("Note", str),
             ],
-            self._generator(),
+            collector.fewer_collections(self._generator()),
         )
 
 

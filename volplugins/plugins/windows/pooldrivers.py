@@ -9,7 +9,7 @@ from typing import Iterator
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import filters, plugin_options
+from volplugins.pool import collector, filters, plugin_options
 from volplugins.pool.driverscan import DriverScanResult, TagUse, scan_drivers
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tagdb import TagDatabase
@@ -91,7 +91,7 @@ class PoolDrivers(interfaces.plugins.PluginInterface):
                 ("Binary", str),
                 ("Note", str),
             ],
-            self._generator(),
+            collector.fewer_collections(self._generator()),
         )
 
 

@@ -9,7 +9,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import addresses, exits, freespace, hexdump, listing, owner, plugin_options
+from volplugins.pool import addresses, collector, exits, freespace, hexdump, listing, owner, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.model import FREED_STATES, Backing, Chunk
@@ -159,7 +159,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
     def run(self) -> renderers.TreeGrid:
         requested = self._addresses()
         columns = _COLUMNS + ([_CONTENTS_COLUMN] if self.config.get("contents") else [])
-        return renderers.TreeGrid(columns, self._generator(requested))
+        return renderers.TreeGrid(columns, collector.fewer_collections(self._generator(requested)))
 
 
 def _stale_tag(kernel: Kernel, chunk: Chunk, is_owner: bool) -> bytes:

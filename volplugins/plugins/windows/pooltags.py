@@ -8,7 +8,7 @@ from typing import Iterator
 from volatility3.framework import automagic, contexts, exceptions, interfaces, plugins, renderers
 from volatility3.framework.configuration import requirements
 
-from volplugins.pool import bigpages, census, exits, filters, plugin_options, poolmon, scan
+from volplugins.pool import bigpages, census, collector, exits, filters, plugin_options, poolmon, scan
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tags import is_protected, tag_text, unprotected
@@ -86,10 +86,11 @@ class PoolTags(interfaces.plugins.PluginInterface):
             if self.config.get("scan"):
                 exits.refuse(self, "--scan and --baseline are two views; give one of them")
             baseline = self._baseline(kernel)
-            return renderers.TreeGrid(_GROWTH_COLUMNS + _OWNER_COLUMNS, self._growth_rows(kernel, baseline,
-                                                                                          selection))
+            return renderers.TreeGrid(_GROWTH_COLUMNS + _OWNER_COLUMNS,
+                                      collector.fewer_collections(self._growth_rows(kernel, baseline, selection)))
         columns = _COLUMNS + (_SCAN_COLUMNS if self.config.get("scan") else []) + _OWNER_COLUMNS
-        return renderers.TreeGrid(columns, self._snapshot_rows(kernel, selection, self._sort_key()))
+        rows = self._snapshot_rows(kernel, selection, self._sort_key())
+        return renderers.TreeGrid(columns, collector.fewer_collections(rows))
 
     # -- the current image -----------------------------------------------------
     def _current(self, kernel: Kernel, with_scan: bool) -> list[poolmon.PoolRow]:

@@ -8,7 +8,7 @@ from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from volplugins.pool import exhaustion, plugin_options
+from volplugins.pool import collector, exhaustion, plugin_options
 from volplugins.pool.attribution import DriverScan, TagAttribution, load_attribution
 from volplugins.pool.kernel import Kernel
 from volplugins.pool.tags import tag_text, unprotected
@@ -42,7 +42,7 @@ class PoolUsage(interfaces.plugins.PluginInterface):
             yield 0, _row("", note=f"{finding.address:#x}: {finding.reason}")
 
     def run(self) -> renderers.TreeGrid:
-        return renderers.TreeGrid(COLUMNS, self._generator())
+        return renderers.TreeGrid(COLUMNS, collector.fewer_collections(self._generator()))
 
 
 COLUMNS = [

@@ -185,6 +185,43 @@ def test_image_file_reads_equal_the_file_layer(sample):
     assert translate.physical_reader(context, "buffer") == context.layers["buffer"].read
 
 
+def _reads(context, name: str, pieces, pad: bool) -> tuple[list, list]:
+    """What :func:`translate.layer_read` and the layer's own read give for each piece."""
+    layer = context.layers[name]
+    ours = [refusal(lambda at, size: translate.layer_read(context, name, at, size, pad), *piece) for piece in pieces]
+    theirs = [refusal(lambda at, size: layer.read(at, size, pad=pad), *piece) for piece in pieces]
+    return ours, theirs
+
+
+def test_kernel_reads_equal_the_layer(sample, monkeypatch):
+    """Single reads keep the layer's translation and take its bytes from the file: the same bytes and refusals
+    as the layer's read, padded or not, in one page or across pages, mapped or not, on the sample as stacked
+    and on its page tables rewritten into every kind of entry over a memory shorter than they map."""
+    kernel = sample.kernel
+    chooser = random.Random(5)
+    allocations = sample.manifest["allocations"]
+    starts = [chooser.choice(allocations)["address"] for _ in range(150)]
+    starts += [region.start + chooser.randrange(region.size) for region in regions.kernel_regions(kernel)
+               for _ in range(30)]
+    pieces = [(start + chooser.choice([0, 8, PAGE - 8]), chooser.choice([1, 8, 0x130, PAGE, 2 * PAGE + 8]))
+              for start in starts]
+    for pad in (False, True):
+        ours, theirs = _reads(kernel.context, kernel.layer_name, pieces, pad)
+        assert ours == theirs
+        assert sum(isinstance(found, bytes) for found in ours) > len(pieces) // 4
+    memory = bytearray(sample.image.read_bytes())
+    dtb = kernel.layer.config["page_map_offset"]
+    pool = regions.kernel_regions(kernel)
+    tables = [t for region in pool for t in page_tables_under(memory, dtb, region.start, region.end)]
+    large = rewrite(memory, tables, len(memory))
+    context = stack(bytes(memory[: len(memory) - LARGE // 4]), dtb)
+    pages = [base + n * PAGE for _, _, _, base in tables for n in range(0, 512, 7)] + large
+    pieces = [(page + chooser.choice([0, 0x10, PAGE - 4]), chooser.choice([4, 0x100, PAGE])) for page in pages]
+    for pad in (False, True):
+        ours, theirs = _reads(context, "kernel", pieces, pad)
+        assert ours == theirs
+
+
 # --------------------------------------------------------------------------- a hand-made hierarchy
 
 MEMORY = 0xE00000  # 14 MiB of physical memory

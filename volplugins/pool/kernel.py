@@ -307,7 +307,9 @@ class Kernel:
 
     # -- memory ------------------------------------------------------------
     def read(self, address: int, size: int, pad: bool = False) -> bytes:
-        return self.layer.read(address, size, pad=pad)
+        """``layer.read``, translated by the layer, its bytes read from a raw image file directly (see
+        :func:`.translate.layer_read`)."""
+        return translate.layer_read(self.context, self.layer_name, address, size, pad)
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.read(address, 8), "little")

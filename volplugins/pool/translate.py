@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from volatility3.framework import exceptions, interfaces
-from volatility3.framework.layers import intel, physical
+from volatility3.framework.layers import intel, linear, physical
 
 PAGE_SIZE = intel.Intel32e.page_size  # a page-table page, and the smallest page it maps
 ENTRIES = PAGE_SIZE // 8
@@ -388,6 +388,27 @@ def read(context: interfaces.context.ContextInterface, layer_name: str, start: i
 
 
 # --------------------------------------------------------------------------- reading the layer below
+
+
+def layer_read(context: interfaces.context.ContextInterface, layer_name: str, address: int, size: int,
+               pad: bool = False) -> bytes:
+    """``layer.read(address, size, pad)``: the layer translates as it always does, and a read that maps to one
+    piece is then taken through :func:`physical_reader`.
+
+    An owner lookup makes a dozen small reads, and for each the file layer's own read (urllib's file wrapper,
+    a seek, a lock) cost more than the translation.  Anything else (several pieces, a refusal, a layer whose
+    reads are not its mapping's) is the layer's own read.
+    """
+    layer = context.layers[layer_name]
+    if size > 0 and type(layer).read is linear.LinearlyMappedLayer.read:
+        pieces = list(layer.mapping(address, size, ignore_errors=pad))
+        if len(pieces) == 1 and pieces[0][0] == address and pieces[0][1] == size == pieces[0][3]:
+            _, _, target, _, below = pieces[0]
+            try:
+                return physical_reader(context, below)(target, size)
+            except exceptions.InvalidAddressException:
+                pass
+    return layer.read(address, size, pad=pad)
 
 
 class _FileReader:

@@ -10,9 +10,10 @@ after the other on the same image: Volatility 3's ``windows.poolscanner``, the s
 addresses taken from the image's manifest: the full listing (every chunk of each address's page, as ``!pool``
 shows it) and ``--owner-only`` (one row per address, what a pipeline takes).  Each Volatility run is a
 separate process (JSON renderer, output discarded), timed from start to exit, with its own peak resident
-memory; ``--repeat N`` keeps the fastest of N runs.  "Net" times subtract what every Volatility process pays before a plugin runs
-(startup, automagic, symbol loading: what ``windows.info`` costs, since that plugin itself does almost
-nothing).
+memory; ``--repeat N`` measures N rounds (each round runs every tool once, so that a slower spell of the
+machine touches them all alike) and keeps each tool's fastest run.  "Net" times subtract what every
+Volatility process pays before a plugin runs (startup, automagic, symbol loading: what ``windows.info``
+costs, since that plugin itself does almost nothing).
 
 It prints one table row per image and then the targets the project tracks, each marked met or missed:
 
@@ -107,9 +108,8 @@ def plain_read(image: Path) -> Measure:
     return Measure(time.perf_counter() - started, None)
 
 
-def best(runs: int, measure) -> Measure:
-    """The fastest of ``runs`` measurements (the one least disturbed by other load), with the largest peak."""
-    taken = [measure() for _ in range(runs)]
+def fastest(taken: list[Measure]) -> Measure:
+    """The fastest of a tool's measurements (the one least disturbed by other load), with the largest peak."""
     peaks = [m.peak_mib for m in taken if m.peak_mib is not None]
     return Measure(min(m.seconds for m in taken), max(peaks) if peaks else None)
 
@@ -148,21 +148,27 @@ def image_for(flavor: str, size: int, out: Path) -> tuple[Path, Path]:
     return image, manifest
 
 
-def bench_image(flavor: str, size: int, out: Path, cache: Path, repeat: int) -> dict[str, Measure]:
+def bench_image(flavor: str, size: int, out: Path, repeat: int) -> dict[str, Measure]:
     image, manifest = image_for(flavor, size, out)
+    cache = image.parent / "volcache"  # one per image (Volatility mixes up tables of one name in one cache)
+    cache.mkdir(exist_ok=True)
     run_vol(image, cache, "windows.info")  # warm the symbol cache and the page cache
     batch = image.with_suffix(".addresses")
     address = lookup_addresses(manifest, batch)
-    return {
-        "poolscanner": best(repeat, lambda: run_vol(image, cache, "windows.poolscanner")),
-        "census": best(repeat, lambda: run_vol(image, cache, "windows.pooltags", "--scan")),
-        "read": best(repeat, lambda: plain_read(image)),
-        "info": best(repeat, lambda: run_vol(image, cache, "windows.info")),
-        "poolowner": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address", address)),
-        "owner-file": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch))),
-        "owner-only": best(repeat, lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch),
-                                                   "--owner-only")),
+    measures = {
+        "poolscanner": lambda: run_vol(image, cache, "windows.poolscanner"),
+        "census": lambda: run_vol(image, cache, "windows.pooltags", "--scan"),
+        "read": lambda: plain_read(image),
+        "info": lambda: run_vol(image, cache, "windows.info"),
+        "poolowner": lambda: run_vol(image, cache, "windows.poolowner", "--address", address),
+        "owner-file": lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch)),
+        "owner-only": lambda: run_vol(image, cache, "windows.poolowner", "--address-file", str(batch), "--owner-only"),
     }
+    taken: dict[str, list[Measure]] = {tool: [] for tool in measures}
+    for _ in range(repeat):  # round by round: a slow spell of the machine touches every tool, not just one
+        for tool, measure in measures.items():
+            taken[tool].append(measure())
+    return {tool: fastest(found) for tool, found in taken.items()}
 
 
 def net(results: dict[str, Measure], tool: str) -> float:
@@ -282,12 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, default=ROOT / "bench" / "results" / "benchmark.png",
                         help="where the chart is drawn")
     args = parser.parse_args(argv)
-    cache = args.out / "volcache"
-    cache.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], dict[str, Measure]] = {}
     for flavor in args.flavors:
         for size in sorted(args.sizes):
-            runs[(flavor, size)] = bench_image(flavor, size, args.out, cache, max(args.repeat, 1))
+            runs[(flavor, size)] = bench_image(flavor, size, args.out, max(args.repeat, 1))
             print("\n".join(table({(flavor, size): runs[(flavor, size)]})[1:]), flush=True)
     found = targets(runs)
     print("\nSeconds per whole process; net = beyond windows.info (Volatility's startup); 10k = poolowner "

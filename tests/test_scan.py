@@ -85,8 +85,8 @@ def test_column_tally_counts_what_the_listing_lists_with_pages_missing(sample, m
     columns; with runs of pages unreadable (chunks then decoded one by one beside the columns) both agree."""
     real = scan._physical
 
-    def holed(kernel, layer_name, offset, length):
-        return None if (offset >> 12) % 5 == 2 else real(kernel, layer_name, offset, length)
+    def holed(read, offset, length):
+        return None if (offset >> 12) % 5 == 2 else real(read, offset, length)
 
     monkeypatch.setattr(scan, "_physical", holed)
     listed = scan.scan_pools(sample.kernel)
@@ -148,8 +148,8 @@ def _corrupting(monkeypatch, kernel, address: int, garbage: bytes):
     physical = kernel.layer.translate(address)[0]
     real = scan._physical
 
-    def read(kernel_, layer_name, offset, length):
-        data = real(kernel_, layer_name, offset, length)
+    def read(reader, offset, length):
+        data = real(reader, offset, length)
         if data is not None and offset <= physical < offset + length:
             at = physical - offset
             data = data[:at] + garbage + data[at + len(garbage):]
@@ -191,9 +191,9 @@ def test_unreadable_runs_are_counted_not_raised(sample, monkeypatch):
     real = scan._physical
     state = {"calls": 0}
 
-    def flaky(kernel, layer_name, offset, length):
+    def flaky(reader, offset, length):
         state["calls"] += 1
-        return None if state["calls"] % 3 == 0 else real(kernel, layer_name, offset, length)
+        return None if state["calls"] % 3 == 0 else real(reader, offset, length)
 
     monkeypatch.setattr(scan, "_physical", flaky)
     result = scan.scan_pools(sample.kernel)

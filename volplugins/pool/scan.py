@@ -393,14 +393,18 @@ def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage, limi
     """
     pieces = mapping.within(start, size) if mapping is not None else _mapping(kernel, start, size)
     run_start, parts, run_length = 0, [], 0
+    readers: dict[str, translate.Reader] = {}  # the pieces of a range nearly always share one layer below
     for offset, length, mapped, _, layer_name in pieces:
+        if layer_name not in readers:
+            readers[layer_name] = translate.physical_reader(kernel.context, layer_name)
+        read = readers[layer_name]
         while length > 0:
             if not parts or run_start + run_length != offset or run_length >= limit:
                 if parts:
                     yield run_start, run_length, b"".join(parts)
                 run_start, parts, run_length = offset, [], 0
             take = min(length, limit - run_length)
-            data = _physical(kernel, layer_name, mapped, take)
+            data = _physical(read, mapped, take)
             if data is None:
                 if parts:
                     yield run_start, run_length, b"".join(parts)
@@ -444,9 +448,9 @@ class _Mapped:
         return out
 
 
-def _physical(kernel: Kernel, layer_name: str, offset: int, length: int) -> bytes | None:
+def _physical(read: translate.Reader, offset: int, length: int) -> bytes | None:
     try:
-        return translate.physical_reader(kernel.context, layer_name)(offset, length)
+        return read(offset, length)
     except exceptions.InvalidAddressException:
         return None
 

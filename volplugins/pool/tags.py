@@ -11,6 +11,7 @@ shorter than four bytes is padded with spaces the way the kernel pads short tags
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -18,8 +19,10 @@ TAG_LENGTH = 4
 PROTECTED_TAG_BIT = 0x80  # top bit of the last byte
 
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+_TAGS_REMEMBERED = 1 << 14  # distinct tags kept: a listing shows the same few thousand again and again
 
 
+@functools.lru_cache(maxsize=_TAGS_REMEMBERED)
 def unprotected(tag: bytes) -> bytes:
     """The tag without the protected bit (tags of other lengths are returned as they are)."""
     if len(tag) != TAG_LENGTH:
@@ -46,6 +49,7 @@ def same_tag(first: bytes, second: bytes) -> bool:
     return len(first) == len(second) == TAG_LENGTH and unprotected(first) == unprotected(second)
 
 
+@functools.lru_cache(maxsize=_TAGS_REMEMBERED)
 def tag_text(tag: bytes) -> str:
     """A tag as users read it: printable bytes as-is, others escaped (never dropped)."""
     return "".join(chr(b) if 32 <= b < 127 and b != 0x5C else f"\\x{b:02x}" for b in tag)

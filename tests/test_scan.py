@@ -83,12 +83,12 @@ def test_streamed_census_counts_what_the_scan_lists(sample):
 def test_column_tally_counts_what_the_listing_lists_with_pages_missing(sample, monkeypatch):
     """The census counts plain chunks straight from the decoders' columns, the listing makes records of the same
     columns; with runs of pages unreadable (chunks then decoded one by one beside the columns) both agree."""
-    real = scan._physical
+    real = scan._fill
 
-    def holed(read, offset, length):
-        return None if (offset >> 12) % 5 == 2 else real(read, offset, length)
+    def holed(fill, offset, view):
+        return (offset >> 12) % 5 != 2 and real(fill, offset, view)
 
-    monkeypatch.setattr(scan, "_physical", holed)
+    monkeypatch.setattr(scan, "_fill", holed)
     listed = scan.scan_pools(sample.kernel)
     assert 0 < len(listed.chunks) < len(scanned(sample).chunks)
     walked = scan.census_of(sample.kernel, watched=[chunk.address for chunk in listed.chunks[::97]])
@@ -146,16 +146,16 @@ def test_large_threshold_comes_from_the_heaps(samples):
 def _corrupting(monkeypatch, kernel, address: int, garbage: bytes):
     """Make the scan's bulk reads see ``garbage`` at virtual ``address`` (the image itself is untouched)."""
     physical = kernel.layer.translate(address)[0]
-    real = scan._physical
+    real = scan._fill
 
-    def read(reader, offset, length):
-        data = real(reader, offset, length)
-        if data is not None and offset <= physical < offset + length:
+    def read(fill, offset, view):
+        done = real(fill, offset, view)
+        if done and offset <= physical < offset + len(view):
             at = physical - offset
-            data = data[:at] + garbage + data[at + len(garbage):]
-        return data
+            view[at : at + len(garbage)] = garbage
+        return done
 
-    monkeypatch.setattr(scan, "_physical", read)
+    monkeypatch.setattr(scan, "_fill", read)
 
 
 def test_corrupted_classic_page_is_a_finding_and_the_scan_goes_on(samples, monkeypatch):
@@ -188,14 +188,14 @@ def test_corrupted_vs_header_is_a_finding_and_the_scan_goes_on(samples, monkeypa
 
 
 def test_unreadable_runs_are_counted_not_raised(sample, monkeypatch):
-    real = scan._physical
+    real = scan._fill
     state = {"calls": 0}
 
-    def flaky(reader, offset, length):
+    def flaky(fill, offset, view):
         state["calls"] += 1
-        return None if state["calls"] % 3 == 0 else real(reader, offset, length)
+        return state["calls"] % 3 != 0 and real(fill, offset, view)
 
-    monkeypatch.setattr(scan, "_physical", flaky)
+    monkeypatch.setattr(scan, "_fill", flaky)
     result = scan.scan_pools(sample.kernel)
     assert result.coverage.pages_unreadable > scanned(sample).coverage.pages_unreadable
     assert 0 < len(result.chunks) < len(scanned(sample).chunks)

@@ -169,8 +169,8 @@ def refusal(read, offset: int, length: int):
 
 
 def test_image_file_reads_equal_the_file_layer(sample):
-    """Bulk walks read a raw image file directly: the same bytes as the file layer, the same refusals past its
-    end, and the layer itself for anything that is not a plain file."""
+    """Bulk walks read a raw image file directly, as bytes or into a buffer: the same bytes as the file layer, the
+    same refusals past its end, and the layer itself for anything that is not a plain file."""
     kernel = sample.kernel
     below = kernel.layer.config["memory_layer"]
     layer = kernel.context.layers[below]
@@ -181,8 +181,23 @@ def test_image_file_reads_equal_the_file_layer(sample):
     pieces = [(chooser.randrange(size), chooser.choice([1, 8, 0x10, PAGE, 3 * PAGE])) for _ in range(300)]
     pieces += [(0, PAGE), (size - PAGE, PAGE), (size - 8, 16), (size, 8), (size + PAGE, 8), (-8, 16)]
     assert [refusal(read, *piece) for piece in pieces] == [refusal(layer.read, *piece) for piece in pieces]
-    context = stack(bytes(PAGE), DTB)
+    fill = translate.physical_filler(kernel.context, below)
+    assert [refusal(filled(fill), *piece) for piece in pieces] == [refusal(layer.read, *piece) for piece in pieces]
+    context = stack(bytes(range(256)) * 16, DTB)
     assert translate.physical_reader(context, "buffer") == context.layers["buffer"].read
+    fill = translate.physical_filler(context, "buffer")
+    pieces = [(0, PAGE), (0x10, 0x20), (PAGE - 8, 16), (-8, 16)]
+    assert [refusal(filled(fill), *piece) for piece in pieces] == \
+        [refusal(context.layers["buffer"].read, *piece) for piece in pieces]
+
+
+def filled(fill):
+    """A filler used as a reader: the bytes it puts into a buffer of the length asked for."""
+    def read(offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        fill(offset, memoryview(buffer))
+        return bytes(buffer)
+    return read
 
 
 def _reads(context, name: str, pieces, pad: bool) -> tuple[list, list]:

@@ -389,34 +389,54 @@ def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage, limi
     bytes, or None for a mapped piece whose backing cannot be read.
 
     Translation comes from :func:`_mapping` (or ``mapping``, when it covers the range); the bytes from the layer
-    it maps to, one read per physically contiguous piece.
+    it maps to, each physically contiguous piece read into its place in the run's buffer.
     """
     pieces = mapping.within(start, size) if mapping is not None else _mapping(kernel, start, size)
-    run_start, parts, run_length = 0, [], 0
-    readers: dict[str, translate.Reader] = {}  # the pieces of a range nearly always share one layer below
+    fillers: dict[str, translate.Filler] = {}  # the pieces of a range nearly always share one layer below
+    run: list[tuple[int, int, int, translate.Filler]] = []  # (address, length, physical address, filler)
+    run_start = run_length = 0
     for offset, length, mapped, _, layer_name in pieces:
-        if layer_name not in readers:
-            readers[layer_name] = translate.physical_reader(kernel.context, layer_name)
-        read = readers[layer_name]
+        if layer_name not in fillers:
+            fillers[layer_name] = translate.physical_filler(kernel.context, layer_name)
         while length > 0:
-            if not parts or run_start + run_length != offset or run_length >= limit:
-                if parts:
-                    yield run_start, run_length, b"".join(parts)
-                run_start, parts, run_length = offset, [], 0
+            if run and (run_start + run_length != offset or run_length >= limit):
+                yield from _read_run(run_start, run_length, run, coverage)
+                run, run_length = [], 0
+            if not run:
+                run_start = offset
             take = min(length, limit - run_length)
-            data = _physical(read, mapped, take)
-            if data is None:
-                if parts:
-                    yield run_start, run_length, b"".join(parts)
-                yield offset, take, None
-                parts, run_length = [], 0
-            else:
-                coverage.bytes_read += take
-                parts.append(data)
-                run_length += take
+            run.append((offset, take, mapped, fillers[layer_name]))
+            run_length += take
             offset, mapped, length = offset + take, mapped + take, length - take
-    if parts:
-        yield run_start, run_length, b"".join(parts)
+    if run:
+        yield from _read_run(run_start, run_length, run, coverage)
+
+
+def _read_run(start: int, length: int, run: list[tuple[int, int, int, translate.Filler]],
+              coverage: Coverage) -> Iterator[tuple[int, int, bytes | None]]:
+    """A run's pieces read into one buffer; a piece that cannot be read splits it, and comes as None."""
+    view = memoryview(bytearray(length))
+    at = begin = 0
+    for offset, size, target, fill in run:
+        if _fill(fill, target, view[at : at + size]):
+            coverage.bytes_read += size
+        else:
+            if at > begin:
+                yield start + begin, at - begin, view[begin:at].tobytes()
+            yield offset, size, None
+            begin = at + size
+        at += size
+    if at > begin:
+        yield start + begin, at - begin, view[begin:at].tobytes()
+
+
+def _fill(fill: translate.Filler, target: int, view: memoryview) -> bool:
+    """Read the layer below into ``view`` from ``target``; False when it refuses."""
+    try:
+        fill(target, view)
+    except exceptions.InvalidAddressException:
+        return False
+    return True
 
 
 def _mapping(kernel: Kernel, start: int, size: int) -> Iterator[tuple[int, int, int, int, str]]:
@@ -446,13 +466,6 @@ class _Mapped:
             low, high = max(offset, start), min(offset + length, end)
             out.append((low, high - low, target + low - offset, high - low, layer_name))
         return out
-
-
-def _physical(read: translate.Reader, offset: int, length: int) -> bytes | None:
-    try:
-        return read(offset, length)
-    except exceptions.InvalidAddressException:
-        return None
 
 
 # --------------------------------------------------------------------------- classic pool
@@ -497,43 +510,63 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
         validating = span.validating
         if tables is not None and not validating:
             _count_missing_in_region(tables, span, coverage)
-        runs = _RunGroups(decoder.page_size)
-        for offset, length, data in _mapped_runs(kernel, span.start, span.end - span.start, coverage):
-            report(95.0 * (done + offset - span.start) / total, f"{span.name}: pages at {offset:#x}")
-            if data is None:
-                coverage.add_missing(translate.Absence(not_in_image=length // decoder.page_size))
-                continue
-            coverage.pages_walked += len(data) // decoder.page_size
-            if runs.add(offset, data) >= BLOCK_BYTES:
-                yield from _classic_group(runs.take(), span, decoder, big_starts, big_reach, coverage, validated)
-        if runs.pages:
-            yield from _classic_group(runs.take(), span, decoder, big_starts, big_reach, coverage, validated)
+        gathered = _Gathered(kernel, decoder.page_size)
+        for offset, length, target, _, layer_name in _mapping(kernel, span.start, span.end - span.start):
+            while length > 0:
+                take = min(length, BLOCK_BYTES - gathered.size)
+                if gathered.add(offset, take, target, layer_name) >= BLOCK_BYTES:
+                    report(95.0 * (done + offset - span.start) / total, f"{span.name}: pages at {offset:#x}")
+                    yield from _classic_group(gathered.take(coverage), span, decoder, big_starts, big_reach,
+                                              coverage, validated)
+                offset, target, length = offset + take, target + take, length - take
+        if gathered.size:
+            yield from _classic_group(gathered.take(coverage), span, decoder, big_starts, big_reach, coverage,
+                                      validated)
         done += span.end - span.start
 
 
-class _RunGroups:
-    """Mapped runs of a span gathered into blocks of about BLOCK_BYTES: the chain walk costs a few numpy calls per
-    step whatever the block's size, and a region's runs are often only a few pages long."""
+class _Gathered:
+    """Mapped pieces of a span gathered into blocks of about BLOCK_BYTES, each block read straight into one
+    buffer.  The chain walk costs a few numpy calls per step whatever the block's size, and pool pages lie
+    scattered in physical memory: a read per page, too many to make a bytes object of each and join them."""
 
-    def __init__(self, page_size: int):
-        self.page_size = page_size
-        self.parts: list[bytes] = []
-        self.pages: list[np.ndarray] = []
+    def __init__(self, kernel: Kernel, page_size: int):
+        self.kernel, self.page_size = kernel, page_size
+        self.pieces: list[tuple[int, int, int, str]] = []  # (address, length, physical address, layer below)
         self.size = 0
 
-    def add(self, offset: int, data: bytes) -> int:
-        """Add a run; the size gathered so far."""
-        self.parts.append(data)
-        count = len(data) // self.page_size
-        self.pages.append(offset + np.arange(count, dtype=np.uint64) * np.uint64(self.page_size))
-        self.size += len(data)
+    def add(self, address: int, length: int, target: int, layer_name: str) -> int:
+        """Add a piece; the size gathered so far."""
+        self.pieces.append((address, length, target, layer_name))
+        self.size += length
         return self.size
 
-    def take(self) -> tuple[bytes, np.ndarray]:
-        """The gathered bytes and the address of each of their pages; the group starts over."""
-        taken = b"".join(self.parts), np.concatenate(self.pages)
-        self.parts, self.pages, self.size = [], [], 0
-        return taken
+    def take(self, coverage: Coverage) -> tuple[bytes | bytearray, np.ndarray]:
+        """The bytes of the pieces that could be read and the address of each of their pages (the others are
+        counted as not in the image); the gathering starts over."""
+        block = bytearray(self.size)
+        view = memoryview(block)
+        fillers: dict[str, translate.Filler] = {}
+        read: list[tuple[int, int, int]] = []  # (position in the block, address, length)
+        position = 0
+        for address, length, target, layer_name in self.pieces:
+            if layer_name not in fillers:
+                fillers[layer_name] = translate.physical_filler(self.kernel.context, layer_name)
+            if _fill(fillers[layer_name], target, view[position : position + length]):
+                read.append((position, address, length))
+            else:
+                coverage.add_missing(translate.Absence(not_in_image=length // self.page_size))
+            position += length
+        self.pieces, self.size = [], 0
+        if sum(length for _, _, length in read) < position:  # leave out what could not be read
+            block = b"".join(view[at : at + length] for at, _, length in read)
+        counts = np.array([length // self.page_size for _, _, length in read], dtype=np.int64)
+        firsts = np.array([address for _, address, _ in read], dtype=np.uint64)
+        steps = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        pages = np.repeat(firsts, counts) + steps.astype(np.uint64) * np.uint64(self.page_size)
+        coverage.bytes_read += len(block)
+        coverage.pages_walked += len(pages)
+        return block, pages
 
 
 def _classic_group(group: tuple[bytes, np.ndarray], span: pool_spans.Span, decoder: _ClassicDecoder,
@@ -541,6 +574,8 @@ def _classic_group(group: tuple[bytes, np.ndarray], span: pool_spans.Span, decod
                    validated: list[tuple[int, int]]) -> Iterator[list[Item]]:
     """The chunks of a group of runs as one batch; with a validation span, its pool pages go to ``validated``."""
     data, page_addresses = group
+    if not len(page_addresses):
+        return
     in_big, starts = _chain_starts(page_addresses, big_starts, big_reach, decoder.page_size)
     batch: list[Item] = []
     before = coverage.classic_pages
@@ -672,9 +707,9 @@ def _tail_pages(data: bytes, addresses: np.ndarray, pages: np.ndarray, pool: str
     per_page = page_size // layout.unit
     marked = tags[: len(data) // layout.unit].reshape(-1, per_page)[pages] == tag
     for page in pages[marked.any(axis=1)].tolist():
-        start = classic.tail_start(data, layout, page_size, page * page_size)
+        content = bytes(data[page * page_size : (page + 1) * page_size])
+        start = classic.tail_start(content, layout, page_size)
         if start is not None:
-            content = data[page * page_size : (page + 1) * page_size]
             yield classic.parse_page(content, int(addresses[page]), layout, decoder.cookie, pool, start)
 
 
@@ -707,9 +742,9 @@ def _broken_pages(data: bytes, addresses: np.ndarray, pages: list[int], starts: 
     for page in pages:
         start = page * decoder.page_size
         first = start + int(starts[page])
-        if not printable_tag(data[first + tag_at : first + tag_at + tag_size]):
+        if not printable_tag(bytes(data[first + tag_at : first + tag_at + tag_size])):
             continue
-        content = data[start : start + decoder.page_size]
+        content = bytes(data[start : start + decoder.page_size])
         address = int(addresses[page])
         walk = classic.parse_page(content, address, decoder.layout, decoder.cookie, start=int(starts[page]))
         for finding in walk.findings:

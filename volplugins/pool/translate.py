@@ -60,6 +60,7 @@ _PAGEFILE_OFFSET_SHIFT = 32  # a software entry's pagefile offset, as Volatility
 
 Mapping = tuple[int, int, int, int, str]  # (address, length, physical address, length, layer name): as the layer
 Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes, raising InvalidAddressException as the layer does
+Filler = Callable[[int, memoryview], None]  # (offset, buffer) -> None: a Reader that fills the buffer given
 
 
 @dataclass(frozen=True)
@@ -425,20 +426,30 @@ class _FileReader:
         weakref.finalize(self, os.close, self._fd)
 
     def __call__(self, offset: int, length: int) -> bytes:
-        if offset < 0 or offset + length > self._size:  # the file layer's own refusal, address included
-            where = self._size if 0 <= offset < self._size else offset
-            raise exceptions.InvalidAddressException(self._name, where, "Offset outside of the buffer boundaries")
+        self._check(offset, length)
         data = os.pread(self._fd, length, offset)
         if len(data) < length:
             raise exceptions.InvalidAddressException(self._name, offset + len(data), "Could not read sufficient bytes")
         return data
+
+    def into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with what ``self(offset, len(view))`` gives, refusing as it does."""
+        self._check(offset, len(view))
+        got = os.preadv(self._fd, [view], offset)
+        if got < len(view):
+            raise exceptions.InvalidAddressException(self._name, offset + got, "Could not read sufficient bytes")
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self._size:  # the file layer's own refusal, address included
+            where = self._size if 0 <= offset < self._size else offset
+            raise exceptions.InvalidAddressException(self._name, where, "Offset outside of the buffer boundaries")
 
 
 def _raw_file(layer: interfaces.layers.DataLayerInterface) -> str | None:
     """The local file a file layer reads as it is, or None: the layer may read another scheme, decompress the
     file, or run where positioned reads do not exist.  The file must be as large as the layer and begin with the
     same bytes."""
-    if type(layer) is not physical.FileLayer or not hasattr(os, "pread"):
+    if type(layer) is not physical.FileLayer or not hasattr(os, "pread") or not hasattr(os, "preadv"):
         return None
     location = urllib.parse.urlparse(layer.location)
     if location.scheme != "file":
@@ -465,3 +476,16 @@ def physical_reader(context: interfaces.context.ContextInterface, layer_name: st
         path = _raw_file(layer)
         _READERS[layer] = _FileReader(layer, path) if path else None
     return _READERS[layer] or layer.read
+
+
+def physical_filler(context: interfaces.context.ContextInterface, layer_name: str) -> Filler:
+    """:func:`physical_reader` that fills a caller's buffer: a walk gathering many pieces into one block reads
+    each straight into its place, with no bytes object per piece and no join."""
+    read = physical_reader(context, layer_name)
+    if isinstance(read, _FileReader):
+        return read.into
+
+    def fill(offset: int, view: memoryview) -> None:
+        view[:] = read(offset, len(view))
+
+    return fill

@@ -506,11 +506,11 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
     tables = translate.page_tables(kernel.context, kernel.layer_name) if coverage.explains else None
     if tables is not None:
         coverage.pages_paged_out = coverage.pages_not_in_image = 0
+    gathered = _Gathered(kernel, decoder.page_size)
     for span in spans:
         validating = span.validating
         if tables is not None and not validating:
             _count_missing_in_region(tables, span, coverage)
-        gathered = _Gathered(kernel, decoder.page_size)
         for offset, length, target, _, layer_name in _mapping(kernel, span.start, span.end - span.start):
             while length > 0:
                 take = min(length, BLOCK_BYTES - gathered.size)
@@ -528,12 +528,16 @@ def _classic_pool(kernel: Kernel, table: bigpages.BigPageTable, coverage: Covera
 class _Gathered:
     """Mapped pieces of a span gathered into blocks of about BLOCK_BYTES, each block read straight into one
     buffer.  The chain walk costs a few numpy calls per step whatever the block's size, and pool pages lie
-    scattered in physical memory: a read per page, too many to make a bytes object of each and join them."""
+    scattered in physical memory: a read per page, too many to make a bytes object of each and join them.
+
+    The buffer is reused from block to block (a block's chunks are decoded into arrays and records of their own
+    before the next block is read): memory the process has not touched yet costs a page fault per page."""
 
     def __init__(self, kernel: Kernel, page_size: int):
         self.kernel, self.page_size = kernel, page_size
         self.pieces: list[tuple[int, int, int, str]] = []  # (address, length, physical address, layer below)
         self.size = 0
+        self._buffer = bytearray()
 
     def add(self, address: int, length: int, target: int, layer_name: str) -> int:
         """Add a piece; the size gathered so far."""
@@ -541,11 +545,12 @@ class _Gathered:
         self.size += length
         return self.size
 
-    def take(self, coverage: Coverage) -> tuple[bytes | bytearray, np.ndarray]:
+    def take(self, coverage: Coverage) -> tuple[bytes | memoryview, np.ndarray]:
         """The bytes of the pieces that could be read and the address of each of their pages (the others are
-        counted as not in the image); the gathering starts over."""
-        block = bytearray(self.size)
-        view = memoryview(block)
+        counted as not in the image), valid until the next block is taken; the gathering starts over."""
+        if len(self._buffer) < self.size:
+            self._buffer = bytearray(self.size)
+        view = block = memoryview(self._buffer)[: self.size]
         fillers: dict[str, translate.Filler] = {}
         read: list[tuple[int, int, int]] = []  # (position in the block, address, length)
         position = 0

@@ -303,8 +303,8 @@ def _segment_chunks(kernel: Kernel, segments: list[segheap.Segment], keys: seghe
             _count_range(page_range.kind, coverage)
             if validated is not None:
                 validated.append((page_range.address, page_range.address + page_range.size))
-            data, pages = _read_range(kernel, page_range.address, page_range.size, coverage, mapped)
-            ranges.append((page_range, pages, data))
+            data, holes = _read_range(kernel, page_range.address, page_range.size, coverage, mapped)
+            ranges.append((page_range, data, holes))
     for item in segheap.ranges_chunks(kernel, ranges, keys, cached):
         if item.__class__ is Chunk and not item.tag and _headerless(item):
             out.extend(_named_by_big_table(kernel, item, live_big))
@@ -340,28 +340,33 @@ def _named_by_big_table(kernel: Kernel, chunk: Chunk,
 
 
 def _read_range(kernel: Kernel, start: int, size: int, coverage: Coverage,
-                mapped: "_Mapped | None" = None) -> tuple[bytes | None, dict[int, bytes | None]]:
-    """The bytes of [start, start + size) when they read as one piece, else its pages (None: unmapped), each
-    mapped run read once through the layer's mapping (taken from ``mapped`` when it covers the range)."""
-    page = PAGE_SIZE
-    runs = list(_mapped_runs(kernel, start, size, coverage, max(size, BLOCK_BYTES), mapped))
-    if len(runs) == 1 and runs[0][0] == start and runs[0][1] == size and runs[0][2] is not None:
-        coverage.pages_walked += size // page
-        return runs[0][2], {}
-    pages: dict[int, bytes | None] = dict.fromkeys(range(start, start + size, page))
-    for offset, _, data in runs:
-        if data is None:
-            continue
-        for at in range(0, len(data), page):
-            pages[offset + at] = data[at : at + page]
-    missing = [address for address, value in pages.items() if value is None]
-    coverage.pages_walked += len(pages) - len(missing)
+                mapped: "_Mapped | None" = None) -> tuple[bytes, frozenset[int]]:
+    """The bytes of [start, start + size), zeros on the pages that could not be read, and those pages: each
+    physically contiguous piece of the layer's mapping (taken from ``mapped`` when it covers the range) read
+    straight into its place."""
+    pieces = mapped.within(start, size) if mapped is not None else _mapping(kernel, start, size)
+    view = memoryview(bytearray(size))
+    fillers: dict[str, translate.Filler] = {}  # the pieces of a range nearly always share one layer below
+    read: list[tuple[int, int]] = []  # (address, length) of each piece read
+    for offset, length, target, _, layer_name in pieces:
+        if layer_name not in fillers:
+            fillers[layer_name] = translate.physical_filler(kernel.context, layer_name)
+        if _fill(fillers[layer_name], target, view[offset - start : offset - start + length]):
+            read.append((offset, length))
+    got = sum(length for _, length in read)
+    coverage.bytes_read += got
+    if got == size:
+        coverage.pages_walked += size // PAGE_SIZE
+        return view.tobytes(), frozenset()
+    held = {page for offset, length in read for page in range(offset, offset + length, PAGE_SIZE)}
+    missing = [page for page in range(start, start + size, PAGE_SIZE) if page not in held]
+    coverage.pages_walked += size // PAGE_SIZE - len(missing)
     if not coverage.explains:
         coverage.pages_unreadable += len(missing)
-        return None, pages
-    for first, count in _page_runs(missing):
-        coverage.add_missing(_absence(kernel, first, count))
-    return None, pages
+    else:
+        for first, count in _page_runs(missing):
+            coverage.add_missing(_absence(kernel, first, count))
+    return view.tobytes(), frozenset(missing)
 
 
 def _page_runs(addresses: list[int]) -> Iterator[tuple[int, int]]:
@@ -381,53 +386,6 @@ def _absence(kernel: Kernel, start: int, pages: int) -> translate.Absence:
     anyway counts as not in the image."""
     found = translate.absence(kernel.context, kernel.layer_name, start, pages * PAGE_SIZE)
     return replace(found, not_in_image=found.not_in_image + pages - found.pages)
-
-
-def _mapped_runs(kernel: Kernel, start: int, size: int, coverage: Coverage, limit: int = BLOCK_BYTES,
-                 mapping: "_Mapped | None" = None) -> Iterator[tuple[int, int, bytes | None]]:
-    """(address, length, bytes) of the mapped parts of a VA range: virtually contiguous runs of at most ``limit``
-    bytes, or None for a mapped piece whose backing cannot be read.
-
-    Translation comes from :func:`_mapping` (or ``mapping``, when it covers the range); the bytes from the layer
-    it maps to, each physically contiguous piece read into its place in the run's buffer.
-    """
-    pieces = mapping.within(start, size) if mapping is not None else _mapping(kernel, start, size)
-    fillers: dict[str, translate.Filler] = {}  # the pieces of a range nearly always share one layer below
-    run: list[tuple[int, int, int, translate.Filler]] = []  # (address, length, physical address, filler)
-    run_start = run_length = 0
-    for offset, length, mapped, _, layer_name in pieces:
-        if layer_name not in fillers:
-            fillers[layer_name] = translate.physical_filler(kernel.context, layer_name)
-        while length > 0:
-            if run and (run_start + run_length != offset or run_length >= limit):
-                yield from _read_run(run_start, run_length, run, coverage)
-                run, run_length = [], 0
-            if not run:
-                run_start = offset
-            take = min(length, limit - run_length)
-            run.append((offset, take, mapped, fillers[layer_name]))
-            run_length += take
-            offset, mapped, length = offset + take, mapped + take, length - take
-    if run:
-        yield from _read_run(run_start, run_length, run, coverage)
-
-
-def _read_run(start: int, length: int, run: list[tuple[int, int, int, translate.Filler]],
-              coverage: Coverage) -> Iterator[tuple[int, int, bytes | None]]:
-    """A run's pieces read into one buffer; a piece that cannot be read splits it, and comes as None."""
-    view = memoryview(bytearray(length))
-    at = begin = 0
-    for offset, size, target, fill in run:
-        if _fill(fill, target, view[at : at + size]):
-            coverage.bytes_read += size
-        else:
-            if at > begin:
-                yield start + begin, at - begin, view[begin:at].tobytes()
-            yield offset, size, None
-            begin = at + size
-        at += size
-    if at > begin:
-        yield start + begin, at - begin, view[begin:at].tobytes()
 
 
 def _fill(fill: translate.Filler, target: int, view: memoryview) -> bool:

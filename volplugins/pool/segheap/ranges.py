@@ -16,7 +16,7 @@ from .segments import PageRange
 from .vs import VsLinks, vs_follow_many, vs_list
 
 
-Read = tuple[PageRange, dict[int, bytes | None] | None, bytes | None]  # a range, and its pages or bytes
+Read = tuple[PageRange, bytes | None, frozenset[int]]  # a range, its bytes, and its pages that could not be read
 
 
 @reports_missing_symbols
@@ -25,19 +25,18 @@ def range_chunks(
     page_range: PageRange,
     keys: HeapKeys,
     cached: frozenset[int] = frozenset(),
-    pages: dict[int, bytes | None] | None = None,
     data: bytes | None = None,
+    holes: frozenset[int] = frozenset(),
 ) -> Iterator[Chunk | Finding | Columns]:
     """Every chunk of one busy page range: its VS chunks, its LFH blocks, or the range itself; the chunks a
     plain header describes come as :class:`Columns` (a census counts them without a record each), the rest as
     records, then the findings.
 
-    ``pages`` are the range's pages when the caller already read them in bulk (None for an unreadable page),
-    or ``data`` all of its bytes when it read them in one piece, so a whole-heap walk reads each range once
-    instead of page by page.  Headerless blocks (page-aligned VS blocks, whole ranges) come back with an
+    ``data`` is all of the range's bytes when the caller already read them in bulk (zeros on the pages in
+    ``holes``, which could not be read), so a whole-heap walk reads each range once instead of page by page.  Headerless blocks (page-aligned VS blocks, whole ranges) come back with an
     empty tag and no PoolType: the big page table names them.
     """
-    yield from ranges_chunks(kernel, [(page_range, pages, data)], keys, cached)
+    yield from ranges_chunks(kernel, [(page_range, data, holes)], keys, cached)
 
 
 @reports_missing_symbols
@@ -51,12 +50,10 @@ def ranges_chunks(kernel: Kernel, ranges: list[Read | Finding], keys: HeapKeys,
         if entry.__class__ is Finding:
             walks.append(entry)
             continue
-        page_range, pages, data = entry
+        page_range, data, holes = entry
         walk = Walk.of(kernel, page_range.segment.context.heap.pool, cached)
-        if pages:
-            walk.pages.preload(pages)
-        if data:
-            walk.pages.preload_span(page_range.address, data)
+        if data is not None:
+            walk.pages.preload_span(page_range.address, data, holes)
         walks.append(walk)
     vs_ranges = [(walk, entry[0].address) for entry, walk in zip(ranges, walks)
                  if walk.__class__ is not Finding and entry[0].kind is RangeKind.VS]

@@ -18,14 +18,12 @@ class Pages:
         self._pages: dict[int, bytes | None] = {}
         self._span_start = 0
         self._span = b""
+        self._holes: frozenset[int] = frozenset()
 
-    def preload(self, pages: dict[int, bytes | None]) -> None:
-        """Pages a caller already read in bulk (None: known unreadable), keyed by page address."""
-        self._pages.update(pages)
-
-    def preload_span(self, start: int, data: bytes) -> None:
-        """Contiguous bytes a caller already read from ``start`` (page aligned)."""
-        self._span_start, self._span = start, data
+    def preload_span(self, start: int, data: bytes, holes: frozenset[int] = frozenset()) -> None:
+        """Contiguous bytes a caller already read from ``start`` (page aligned), zeros on the pages in ``holes``
+        (their addresses), which could not be read."""
+        self._span_start, self._span, self._holes = start, data, holes
 
     def buffer(self, start: int, end: int) -> tuple[bytes, int, frozenset[int]]:
         """[start, end) in one buffer: its bytes, the address they begin at, and its unreadable pages (zeros).
@@ -33,7 +31,7 @@ class Pages:
         The preloaded span serves it as it is when it holds the whole range; otherwise the pages are joined.
         """
         if self._span_start <= start and end <= self._span_start + len(self._span):
-            return self._span, self._span_start, frozenset()
+            return self._span, self._span_start, self._holes
         first = page_base(start)
         pages = [(base, self._page(base)) for base in range(first, end, PAGE_SIZE)]
         holes = frozenset(base for base, page in pages if page is None)
@@ -42,7 +40,7 @@ class Pages:
     def _page(self, base: int) -> bytes | None:
         offset = base - self._span_start
         if 0 <= offset < len(self._span):
-            return self._span[offset : offset + PAGE_SIZE]
+            return None if base in self._holes else self._span[offset : offset + PAGE_SIZE]
         if base not in self._pages:
             try:
                 self._pages[base] = self._kernel.read(base, PAGE_SIZE)
@@ -53,6 +51,8 @@ class Pages:
     def read(self, address: int, size: int) -> bytes | None:
         offset = address - self._span_start
         if 0 <= offset and offset + size <= len(self._span):
+            if self._holes and not self._holes.isdisjoint(range(page_base(address), address + size, PAGE_SIZE)):
+                return None
             return self._span[offset : offset + size]
         base = page_base(address)
         if address + size <= base + PAGE_SIZE:  # the common case: inside one page

@@ -145,38 +145,46 @@ def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: 
     """
     unit, header_size = layout.unit, layout.vs_header_size
     count = len(spans)
-    leads = np.array([first - buffer.base for buffer, first, _ in spans], dtype=np.int64)
-    firsts = np.array([first for _, first, _ in spans], dtype=np.uint64)
-    room = np.array([end - first for _, first, end in spans], dtype=np.int64)
-    held = np.array([min(end, buffer.end) - first for buffer, first, end in spans], dtype=np.int64)
     fields = Fields(data)
     missing = _missing_pages(spans, starts, len(data))
     key = np.uint64(heap_key & MASK64)
-    at = np.zeros(count, dtype=np.int64)  # each chain's next header, from its first chunk
-    expected = np.full(count, -1, dtype=np.int64)  # the size its PreviousSize must give (-1: first link)
     broken = np.array([bool(buffer.holes) and not buffer.whole_pages for buffer, _, _ in spans], dtype=bool)
+    # The state of each chain still followed, row by row; rows leave as their chain ends or breaks.
+    chain = np.flatnonzero(~broken)
+    lead = np.array([first - buffer.base for buffer, first, _ in spans], dtype=np.int64)[chain]
+    base = starts[chain] + lead  # where the chain's first chunk lies in ``data``
+    first = np.array([first for _, first, _ in spans], dtype=np.uint64)[chain]
+    room = np.array([end - first for _, first, end in spans], dtype=np.int64)[chain]
+    held = np.array([min(end, buffer.end) - first for buffer, first, end in spans], dtype=np.int64)[chain]
+    here = np.zeros(len(chain), dtype=np.int64)  # the next header, from the first chunk
+    expected = np.full(len(chain), -1, dtype=np.int64)  # the size its PreviousSize must give (-1: first link)
     steps: list[tuple[np.ndarray, ...]] = []
-    active = np.flatnonzero(~broken)
-    while len(active):
-        here = at[active]
-        going = here + header_size <= room[active]
-        active, here = active[going], here[going]
-        inside = here + header_size <= held[active]
-        broken[active[~inside]] = True
-        active, here = active[inside], here[inside]
-        joined = starts[active] + leads[active] + here
-        words = fields.field(joined, layout.vs_header_bits) ^ (firsts[active] + here.astype(np.uint64)) ^ key
+    while len(chain):
+        ending = here + header_size
+        going = ending <= room  # the others ran cleanly to their subsegment's end
+        fits = ending <= held
+        if not fits.all():  # a header past the bytes read
+            broken[chain[going & ~fits]] = True
+            fits &= going
+        else:
+            fits = going
+        if not fits.all():
+            chain, lead, base, first, room, held, here, expected = (
+                column[fits] for column in (chain, lead, base, first, room, held, here, expected))
+        at = base + here
+        words = fields.field(at, layout.vs_header_bits) ^ (first + here.astype(np.uint64)) ^ key
         sizes = (_column(words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
         previous = (_column(words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
-        fits = (sizes >= header_size) & (here + sizes <= room[active])
-        fits &= (expected[active] < 0) | (previous == expected[active])
+        fits = (sizes >= header_size) & (here + sizes <= room) & ((expected < 0) | (previous == expected))
         if missing is not None:
-            fits &= ~missing[joined // PAGE_SIZE] & ~missing[(joined + header_size - 1) // PAGE_SIZE]
-        broken[active[~fits]] = True
-        active, here, sizes = active[fits], here[fits], sizes[fits]
-        steps.append((active, leads[active] + here, sizes, _column(words[fits], layout.vs_allocated) != 0))
-        expected[active] = sizes
-        at[active] = here + sizes
+            fits &= ~missing[at // PAGE_SIZE] & ~missing[(at + header_size - 1) // PAGE_SIZE]
+        if not fits.all():
+            broken[chain[~fits]] = True
+            chain, lead, base, first, room, held, here, sizes, words = (
+                column[fits] for column in (chain, lead, base, first, room, held, here, sizes, words))
+        steps.append((chain, lead + here, sizes, _column(words, layout.vs_allocated) != 0))
+        expected = sizes
+        here = here + sizes
     if not steps:
         return [None if broken[index] else _empty_chain() for index in range(count)]
     owners, offsets, sizes, allocated = (np.concatenate(column) for column in zip(*steps))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Iterator
 
@@ -111,7 +112,7 @@ class PoolOwner(interfaces.plugins.PluginInterface):
             yield 0, self._note_row(answer.address, answer.region, answer.headline())
         owner_only = self.config.get("owner-only")
         for chunk in answer.chunks:
-            is_owner = answer.owner is not None and chunk == answer.owner
+            is_owner = answer.owner is not None and chunk.address == answer.owner.address and chunk == answer.owner
             if owner_only and not is_owner:
                 continue
             stale = _stale_tag(kernel, chunk, is_owner)
@@ -143,12 +144,17 @@ class PoolOwner(interfaces.plugins.PluginInterface):
 
     def _contents(self, kernel: Kernel, chunk: Chunk | None) -> tuple:
         """The Contents cell when --contents is on: the owner's bytes as a hex dump, empty on other rows."""
-        if not self.config.get("contents"):
+        if not self._with_contents:
             return ()
         if chunk is None:
             return ("",)
         length = min(chunk.size, CONTENTS_LIMIT)
         return (hexdump.lines(chunk.address, kernel.read(chunk.address, length, pad=True)),)
+
+    @functools.cached_property
+    def _with_contents(self) -> bool:
+        """--contents, read once: a listing asks for every row."""
+        return bool(self.config.get("contents"))
 
     def _note_row(self, address: int | None, region: str, note: str) -> tuple:
         absent = renderers.NotApplicableValue()

@@ -609,7 +609,9 @@ def _classic_block(data: bytes, pages: np.ndarray, pool: str, decoder: _ClassicD
     complete, where = _walk_chains(data, first[candidates], page_offsets[candidates] + page_size, layout,
                                    page_size)
     coverage.classic_pages += int(complete.sum())
-    searched = np.setdiff1d(np.flatnonzero(~in_big), candidates[complete])
+    unexplained = ~in_big
+    unexplained[candidates[complete]] = False
+    searched = np.flatnonzero(unexplained)
     tails = list(_tail_pages(data, pages, searched, pool, decoder))
     coverage.classic_pages += len(tails)
     coverage.pages_not_pool += len(page_offsets) - int(complete.sum()) - len(tails)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..kernel import MASK64, FieldLayout, Kernel, per_kernel
 from ..model import Backing, Finding
@@ -194,13 +195,16 @@ class Descriptors:
     signature: FieldLayout
 
     def entry(self, index: int) -> tuple[int, int, int, int]:
-        base = index * self.size
-        return (
-            self.flags.extract(self.data, base),
-            self.unit_size.extract(self.data, base),
-            self.unit_offset.extract(self.data, base),
-            self.signature.extract(self.data, base),
-        )
+        """(RangeFlags, UnitSize, UnitOffset, TreeSignature) of descriptor ``index``."""
+        flags, unit_sizes, unit_offsets, signatures = self._columns
+        return flags[index], unit_sizes[index], unit_offsets[index], signatures[index]
+
+    @cached_property
+    def _columns(self) -> tuple[list[int], ...]:
+        """Every descriptor's fields, decoded at once: a walk looks at most of them, some twice."""
+        count = len(self.data) // self.size
+        return tuple(field.column(self.data, count, self.size).tolist()
+                     for field in (self.flags, self.unit_size, self.unit_offset, self.signature))
 
 
 def read_descriptors(kernel: Kernel, segment: Segment) -> Descriptors | Finding:

@@ -393,7 +393,9 @@ def vs_list(followed: list[VsLinks]) -> tuple[Columns | None, list[VsChain]]:
     starts = rows.chunks[source]
     ends = starts + rows.sizes[source].astype(np.uint64)
     general: list[list[Extent]] = [[] for _ in followed]
-    for row in np.setdiff1d(np.flatnonzero(rows.allocated), busy).tolist():
+    general_rows = rows.allocated.copy()
+    general_rows[busy] = False
+    for row in np.flatnonzero(general_rows).tolist():
         owner, chunk = int(rows.owner[row]), int(rows.chunks[row])
         chunk_end = chunk + int(rows.sizes[row])
         general[owner].append((_general(followed[owner].walk, chunk, chunk_end), chunk, chunk_end))

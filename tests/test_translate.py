@@ -211,7 +211,8 @@ def _reads(context, name: str, pieces, pad: bool) -> tuple[list, list]:
 def test_kernel_reads_equal_the_layer(sample, monkeypatch):
     """Single reads keep the layer's translation and take its bytes from the file: the same bytes and refusals
     as the layer's read, padded or not, in one page or across pages, mapped or not, on the sample as stacked
-    and on its page tables rewritten into every kind of entry over a memory shorter than they map."""
+    and on its page tables rewritten into every kind of entry over a memory shorter than they map; many small
+    reads at once give the same."""
     kernel = sample.kernel
     chooser = random.Random(5)
     allocations = sample.manifest["allocations"]
@@ -235,6 +236,19 @@ def test_kernel_reads_equal_the_layer(sample, monkeypatch):
     for pad in (False, True):
         ours, theirs = _reads(context, "kernel", pieces, pad)
         assert ours == theirs
+    for found in (kernel.context, kernel.layer_name, starts), (context, "kernel", pages):
+        _same_many(*found, chooser)
+
+
+def _same_many(context, name: str, addresses: list[int], chooser: random.Random) -> None:
+    """Reads of many small pieces at once give what the layer's read gives each, None where it refuses."""
+    layer = context.layers[name]
+    wanted = [address + chooser.choice([0, 8, PAGE - 8]) for address in addresses]
+    wanted = [address - address % 8 for address in wanted]
+    theirs = [refusal(layer.read, address, 8) for address in wanted]
+    theirs = [found if isinstance(found, bytes) else None for found in theirs]
+    assert translate.read_many(context, name, wanted, 8) == theirs
+    assert any(theirs) and None in theirs
 
 
 # --------------------------------------------------------------------------- a hand-made hierarchy

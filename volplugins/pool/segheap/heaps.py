@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import translate
 from ..kernel import FieldLayout, Kernel, per_kernel
 from ..model import Finding
 from .layout import SYMBOLS_MISSING
@@ -115,18 +115,30 @@ def pool_heaps(kernel: Kernel) -> list[PoolHeap | Finding]:
     return out
 
 
-def _slist_entries(kernel: Kernel, header: bytes, base: int, next_entry: FieldLayout) -> Iterator[int]:
-    """Entries of an x64 ``_SLIST_HEADER``: ``HeaderX64.NextEntry`` holds the first entry's address >> 4,
-    each ``_SLIST_ENTRY.Next`` the full address of the next."""
+def _slist_head(header: bytes, base: int, next_entry: FieldLayout) -> int:
+    """The first entry of the x64 ``_SLIST_HEADER`` at ``base`` of ``header``: ``HeaderX64.NextEntry`` holds its
+    address >> 4."""
+    return next_entry.extract(header, base) << next_entry.bit_position
+
+
+def _slist_entries(kernel: Kernel, heads: list[int]) -> set[int]:
+    """The entries of many singly linked lists from their first entries (``_SLIST_ENTRY.Next`` holds the full
+    address of the next), followed side by side: each round reads the link of every list's current entry at
+    once, as thousands of links scattered over the pool would each cost a translation.  A list ends at a null
+    or unreadable link, an entry it met before, or MAX_SLIST_ENTRIES entries."""
     link = kernel.field_offset("_SLIST_ENTRY", "Next")
     width = kernel.type_size("pointer")
-    entry = next_entry.extract(header, base) << next_entry.bit_position
-    seen: set[int] = set()
-    while entry and entry not in seen and len(seen) < MAX_SLIST_ENTRIES:
-        seen.add(entry)
-        yield entry
-        data, missing = kernel.read_table(entry + link, width)  # thousands of links: translated in bulk
-        entry = 0 if missing else int.from_bytes(data, "little")
+    found: set[int] = set()
+    lists = [(head, set()) for head in heads if head]  # (current entry, entries met)
+    while lists:
+        for entry, seen in lists:
+            seen.add(entry)
+            found.add(entry)
+        links = translate.read_many(kernel.context, kernel.layer_name, [entry + link for entry, _ in lists], width)
+        lists = [(following, seen) for (_, seen), data in zip(lists, links)
+                 if data is not None and (following := int.from_bytes(data, "little"))
+                 and following not in seen and len(seen) < MAX_SLIST_ENTRIES]
+    return found
 
 
 @per_kernel
@@ -153,19 +165,17 @@ def cached_free_addresses(kernel: Kernel) -> frozenset[int]:
         delay_free = kernel.field_offset("_SEGMENT_HEAP", "VsContext.DelayFreeContext.ListHead")
     except SYMBOLS_MISSING:
         return frozenset()
-    found: set[int] = set()
+    heads: list[int] = []
     for node in range(min(pools_count, kernel.array_count(state_type, "PoolNode"))):
         start = node_base + node * node_size + lookasides
         data = read_bytes(kernel, start, dyn_count * dyn_size)
         if data is None:
             continue
-        for dyn in range(dyn_count):
-            for bucket in range(bucket_count):
-                base = dyn * dyn_size + buckets + bucket * la_size + list_head
-                found.update(_slist_entries(kernel, data, base, next_entry))
+        heads += [_slist_head(data, dyn * dyn_size + buckets + bucket * la_size + list_head, next_entry)
+                  for dyn in range(dyn_count) for bucket in range(bucket_count)]
     for heap in pool_heaps(kernel):
         if isinstance(heap, PoolHeap):
             header = read_bytes(kernel, heap.address + delay_free, kernel.type_size("_SLIST_HEADER"))
             if header is not None:
-                found.update(_slist_entries(kernel, header, 0, next_entry))
-    return frozenset(found)
+                heads.append(_slist_head(header, 0, next_entry))
+    return frozenset(_slist_entries(kernel, heads))

@@ -13,7 +13,8 @@ separate process (JSON renderer, output discarded), timed from start to exit, wi
 memory; ``--repeat N`` measures N rounds (each round runs every tool once, so that a slower spell of the
 machine touches them all alike) and keeps each tool's fastest run.  "Net" times subtract what every
 Volatility process pays before a plugin runs (startup, automagic, symbol loading: what ``windows.info``
-costs, since that plugin itself does almost nothing).
+costs, since that plugin itself does almost nothing): the median, over the rounds, of a run's time less the
+same round's ``windows.info``.
 
 It prints one table row per image and then the targets the project tracks, each marked met or missed:
 
@@ -56,6 +57,7 @@ GIB = 1 << 30
 class Measure:
     seconds: float
     peak_mib: float | None  # None: measured in the benchmark's own process
+    net: float | None = None  # beyond Volatility's startup: the median of the rounds' (this run - windows.info)
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,18 @@ def plain_read(image: Path) -> Measure:
     return Measure(time.perf_counter() - started, None)
 
 
-def fastest(taken: list[Measure]) -> Measure:
-    """The fastest of a tool's measurements (the one least disturbed by other load), with the largest peak."""
+def fastest(taken: list[Measure], startup: list[Measure]) -> Measure:
+    """The fastest of a tool's measurements (the one least disturbed by other load), with the largest peak, and
+    its time beyond startup from each round's pair: a tool run and ``windows.info`` a moment apart.
+
+    The median of the pairs' differences, not the difference of the fastest runs: a tenth of a second of
+    startup noise would otherwise swing a census that takes a few tenths.
+    """
     peaks = [m.peak_mib for m in taken if m.peak_mib is not None]
-    return Measure(min(m.seconds for m in taken), max(peaks) if peaks else None)
+    beyond = sorted(m.seconds - start.seconds for m, start in zip(taken, startup))
+    middle = len(beyond) // 2
+    net = beyond[middle] if len(beyond) % 2 else (beyond[middle - 1] + beyond[middle]) / 2
+    return Measure(min(m.seconds for m in taken), max(peaks) if peaks else None, net)
 
 
 _PICK_ADDRESSES = """
@@ -168,12 +178,13 @@ def bench_image(flavor: str, size: int, out: Path, repeat: int) -> dict[str, Mea
     for _ in range(repeat):  # round by round: a slow spell of the machine touches every tool, not just one
         for tool, measure in measures.items():
             taken[tool].append(measure())
-    return {tool: fastest(found) for tool, found in taken.items()}
+    return {tool: fastest(found, taken["info"]) for tool, found in taken.items()}
 
 
 def net(results: dict[str, Measure], tool: str) -> float:
-    """A tool's time beyond Volatility's startup (``windows.info``), never below a millisecond."""
-    return max(results[tool].seconds - results["info"].seconds, 1e-3)
+    """A tool's time beyond Volatility's startup (``windows.info``, see :func:`fastest`), never below a
+    millisecond."""
+    return max(results[tool].net, 1e-3)
 
 
 def table(runs: dict[tuple[str, int], dict[str, Measure]]) -> list[str]:

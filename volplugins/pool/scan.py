@@ -344,15 +344,11 @@ def _read_range(kernel: Kernel, start: int, size: int, coverage: Coverage,
     """The bytes of [start, start + size), zeros on the pages that could not be read, and those pages: each
     physically contiguous piece of the layer's mapping (taken from ``mapped`` when it covers the range) read
     straight into its place."""
-    pieces = mapped.within(start, size) if mapped is not None else _mapping(kernel, start, size)
+    pieces = list(mapped.within(start, size) if mapped is not None else _mapping(kernel, start, size))
     view = memoryview(bytearray(size))
-    fillers: dict[str, translate.Filler] = {}  # the pieces of a range nearly always share one layer below
-    read: list[tuple[int, int]] = []  # (address, length) of each piece read
-    for offset, length, target, _, layer_name in pieces:
-        if layer_name not in fillers:
-            fillers[layer_name] = translate.physical_filler(kernel.context, layer_name)
-        if _fill(fillers[layer_name], target, view[offset - start : offset - start + length]):
-            read.append((offset, length))
+    done = _fill_pieces(kernel, view, [(offset - start, length, target, below)
+                                       for offset, length, target, _, below in pieces])
+    read = [(offset, length) for (offset, length, *_), ok in zip(pieces, done) if ok]
     got = sum(length for _, length in read)
     coverage.bytes_read += got
     if got == size:
@@ -386,6 +382,18 @@ def _absence(kernel: Kernel, start: int, pages: int) -> translate.Absence:
     anyway counts as not in the image."""
     found = translate.absence(kernel.context, kernel.layer_name, start, pages * PAGE_SIZE)
     return replace(found, not_in_image=found.not_in_image + pages - found.pages)
+
+
+def _fill_pieces(kernel: Kernel, view: memoryview, pieces: list[tuple[int, int, int, str]]) -> list[bool]:
+    """Read each piece (position in ``view``, length, physical address, layer below) straight into its place;
+    whether each could be read."""
+    fillers: dict[str, translate.Filler] = {}  # the pieces nearly always share one layer below
+    done = []
+    for position, length, target, layer_name in pieces:
+        if layer_name not in fillers:
+            fillers[layer_name] = translate.physical_filler(kernel.context, layer_name)
+        done.append(_fill(fillers[layer_name], target, view[position : position + length]))
+    return done
 
 
 def _fill(fill: translate.Filler, target: int, view: memoryview) -> bool:
@@ -493,13 +501,14 @@ class _Gathered:
 
     def __init__(self, kernel: Kernel, page_size: int):
         self.kernel, self.page_size = kernel, page_size
-        self.pieces: list[tuple[int, int, int, str]] = []  # (address, length, physical address, layer below)
+        # (position in the block, address, length, physical address, layer below) of each piece
+        self.pieces: list[tuple[int, int, int, int, str]] = []
         self.size = 0
         self._buffer = bytearray()
 
     def add(self, address: int, length: int, target: int, layer_name: str) -> int:
         """Add a piece; the size gathered so far."""
-        self.pieces.append((address, length, target, layer_name))
+        self.pieces.append((self.size, address, length, target, layer_name))
         self.size += length
         return self.size
 
@@ -509,20 +518,17 @@ class _Gathered:
         if len(self._buffer) < self.size:
             self._buffer = bytearray(self.size)
         view = block = memoryview(self._buffer)[: self.size]
-        fillers: dict[str, translate.Filler] = {}
+        done = _fill_pieces(self.kernel, view, [(position, length, target, below)
+                                                for position, _, length, target, below in self.pieces])
         read: list[tuple[int, int, int]] = []  # (position in the block, address, length)
-        position = 0
-        for address, length, target, layer_name in self.pieces:
-            if layer_name not in fillers:
-                fillers[layer_name] = translate.physical_filler(self.kernel.context, layer_name)
-            if _fill(fillers[layer_name], target, view[position : position + length]):
+        for (position, address, length, _, _), ok in zip(self.pieces, done):
+            if ok:
                 read.append((position, address, length))
             else:
                 coverage.add_missing(translate.Absence(not_in_image=length // self.page_size))
-            position += length
-        self.pieces, self.size = [], 0
-        if sum(length for _, _, length in read) < position:  # leave out what could not be read
+        if len(read) < len(self.pieces):  # leave out what could not be read
             block = b"".join(view[at : at + length] for at, _, length in read)
+        self.pieces, self.size = [], 0
         counts = np.array([length // self.page_size for _, _, length in read], dtype=np.int64)
         firsts = np.array([address for _, address, _ in read], dtype=np.uint64)
         steps = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -532,7 +538,7 @@ class _Gathered:
         return block, pages
 
 
-def _classic_group(group: tuple[bytes, np.ndarray], span: pool_spans.Span, decoder: _ClassicDecoder,
+def _classic_group(group: tuple[bytes | memoryview, np.ndarray], span: pool_spans.Span, decoder: _ClassicDecoder,
                    big_starts: np.ndarray, big_reach: np.ndarray, coverage: Coverage,
                    validated: list[tuple[int, int]]) -> Iterator[list[Item]]:
     """The chunks of a group of runs as one batch; with a validation span, its pool pages go to ``validated``."""

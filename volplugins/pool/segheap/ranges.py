@@ -33,8 +33,9 @@ def range_chunks(
     records, then the findings.
 
     ``data`` is all of the range's bytes when the caller already read them in bulk (zeros on the pages in
-    ``holes``, which could not be read), so a whole-heap walk reads each range once instead of page by page.  Headerless blocks (page-aligned VS blocks, whole ranges) come back with an
-    empty tag and no PoolType: the big page table names them.
+    ``holes``, which could not be read), so a whole-heap walk reads each range once instead of page by page.
+    Headerless blocks (page-aligned VS blocks, whole ranges) come back with an empty tag and no PoolType: the
+    big page table names them.
     """
     yield from ranges_chunks(kernel, [(page_range, data, holes)], keys, cached)
 

@@ -153,7 +153,7 @@ def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: 
     chain = np.flatnonzero(~broken)
     lead = np.array([first - buffer.base for buffer, first, _ in spans], dtype=np.int64)[chain]
     base = starts[chain] + lead  # where the chain's first chunk lies in ``data``
-    first = np.array([first for _, first, _ in spans], dtype=np.uint64)[chain]
+    origin = np.array([first for _, first, _ in spans], dtype=np.uint64)[chain]  # the first chunk's address
     room = np.array([end - first for _, first, end in spans], dtype=np.int64)[chain]
     held = np.array([min(end, buffer.end) - first for buffer, first, end in spans], dtype=np.int64)[chain]
     here = np.zeros(len(chain), dtype=np.int64)  # the next header, from the first chunk
@@ -169,10 +169,10 @@ def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: 
         else:
             fits = going
         if not fits.all():
-            chain, lead, base, first, room, held, here, expected = (
-                column[fits] for column in (chain, lead, base, first, room, held, here, expected))
+            chain, lead, base, origin, room, held, here, expected = (
+                column[fits] for column in (chain, lead, base, origin, room, held, here, expected))
         at = base + here
-        words = fields.field(at, layout.vs_header_bits) ^ (first + here.astype(np.uint64)) ^ key
+        words = fields.field(at, layout.vs_header_bits) ^ (origin + here.astype(np.uint64)) ^ key
         sizes = (_column(words, layout.vs_unsafe_size) * np.uint64(unit)).astype(np.int64)
         previous = (_column(words, layout.vs_unsafe_prev_size) * np.uint64(unit)).astype(np.int64)
         fits = (sizes >= header_size) & (here + sizes <= room) & ((expected < 0) | (previous == expected))
@@ -180,8 +180,8 @@ def _clean_chains(spans: list[tuple["_Buffer", int, int]], data: bytes, starts: 
             fits &= ~missing[at // PAGE_SIZE] & ~missing[(at + header_size - 1) // PAGE_SIZE]
         if not fits.all():
             broken[chain[~fits]] = True
-            chain, lead, base, first, room, held, here, sizes, words = (
-                column[fits] for column in (chain, lead, base, first, room, held, here, sizes, words))
+            chain, lead, base, origin, room, held, here, sizes, words = (
+                column[fits] for column in (chain, lead, base, origin, room, held, here, sizes, words))
         steps.append((chain, lead + here, sizes, _column(words, layout.vs_allocated) != 0))
         expected = sizes
         here = here + sizes

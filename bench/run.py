@@ -120,7 +120,7 @@ def fastest(taken: list[Measure], startup: list[Measure]) -> Measure:
     peaks = [m.peak_mib for m in taken if m.peak_mib is not None]
     beyond = sorted(m.seconds - start.seconds for m, start in zip(taken, startup))
     middle = len(beyond) // 2
-    net = beyond[middle] if len(beyond) % 2 else (beyond[middle - 1] + beyond[middle]) / 2
+    net = (beyond[middle] if len(beyond) % 2 else (beyond[middle - 1] + beyond[middle]) / 2) if beyond else None
     return Measure(min(m.seconds for m in taken), max(peaks) if peaks else None, net)
 
 
@@ -178,7 +178,7 @@ def bench_image(flavor: str, size: int, out: Path, repeat: int) -> dict[str, Mea
     for _ in range(repeat):  # round by round: a slow spell of the machine touches every tool, not just one
         for tool, measure in measures.items():
             taken[tool].append(measure())
-    return {tool: fastest(found, taken["info"]) for tool, found in taken.items()}
+    return {tool: fastest(found, [] if tool == "read" else taken["info"]) for tool, found in taken.items()}
 
 
 def net(results: dict[str, Measure], tool: str) -> float:

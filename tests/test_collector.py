@@ -17,6 +17,7 @@ class _Node:
 
 @pytest.fixture(autouse=True)
 def _default_policy():
+    gc.collect()  # rows an earlier test abandoned end now, not in the middle of these
     thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
@@ -56,10 +57,22 @@ def test_abandoned_or_failing_rows_put_the_policy_back():
 
 
 def test_a_freeze_made_by_the_caller_is_left_in_place():
+    kept = _Node()
     gc.freeze()
-    frozen = gc.get_freeze_count()
+    assert not any(item is kept for item in gc.get_objects())  # frozen objects are not listed
     list(collector.fewer_collections(_watch(2, [])))
-    assert gc.get_freeze_count() >= frozen > 0
+    assert not any(item is kept for item in gc.get_objects())
+
+
+def test_rows_drawn_in_turns_keep_the_policy_until_the_last_ends():
+    before = gc.get_threshold()
+    first, second = collector.fewer_collections(_watch(2, [])), collector.fewer_collections(_watch(3, []))
+    next(first)
+    next(second)
+    list(first)
+    assert (gc.get_threshold(), gc.get_freeze_count() > 0) == (collector.ROWS_THRESHOLDS, True)
+    list(second)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, 0)
 
 
 def test_cycles_made_while_rows_are_made_are_still_collected():

@@ -19,17 +19,40 @@ ROWS_THRESHOLDS = (50_000, 20, 20)  # new objects before a young collection; you
 Row = TypeVar("Row")
 
 
+class _Policy:
+    """The collector's settings while any rows are being made: set when the first rows start, put back when the
+    last end (rows of two plugins may be drawn in turns)."""
+
+    def __init__(self):
+        self.active = 0
+        self.thresholds = gc.get_threshold()
+        self.froze = False
+
+    def enter(self) -> None:
+        if not self.active:
+            self.thresholds = gc.get_threshold()
+            self.froze = gc.get_freeze_count() == 0
+            if self.froze:
+                gc.freeze()
+            gc.set_threshold(*ROWS_THRESHOLDS)
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if not self.active:
+            gc.set_threshold(*self.thresholds)
+            if self.froze:
+                gc.unfreeze()
+
+
+_POLICY = _Policy()
+
+
 def fewer_collections(rows: Iterable[Row]) -> Iterator[Row]:
     """``rows`` as they are, made while the collector runs rarely and leaves older objects alone; as it was once
     the rows end or are abandoned."""
-    thresholds = gc.get_threshold()
-    froze = gc.get_freeze_count() == 0
-    if froze:
-        gc.freeze()
-    gc.set_threshold(*ROWS_THRESHOLDS)
+    _POLICY.enter()
     try:
         yield from rows
     finally:
-        gc.set_threshold(*thresholds)
-        if froze:
-            gc.unfreeze()
+        _POLICY.leave()

@@ -58,7 +58,7 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class Measure:
     seconds: float
-    peak_mib: float | None  # None: not a process of its own
+    peak_mib: float | None  # None: not measured (the plain read runs here; the renderer's child makes rows too)
     net: float | None = None  # beyond Volatility's startup: the median of the rounds' (this run - windows.info)
     rows: int | None = None  # rows rendered, for the renderer alone
 
@@ -153,7 +153,7 @@ def render_alone(image: Path, cache: Path, batch: Path) -> Measure:
     of ``batch``: the rows are made first, then fed again to a fresh grid and rendered, and only that is timed.
 
     The part of the full listing's time the suite cannot take away; measured in a child process, like every
-    tool, so the benchmark process stays small.
+    Volatility run, so the benchmark process stays small.
     """
     found = subprocess.run([sys.executable, "-c", _RENDER_ALONE, str(ROOT), str(image), str(cache), str(batch)],
                            check=True, capture_output=True, text=True).stdout.split()

@@ -362,3 +362,23 @@ def test_table_reads_pad_what_no_page_maps():
                         (KERNEL_HALF | 0x1FF << 39 | 0x1FE << 30, 4 * LARGE)]:
         mapped = sum(length for _, length, _, _, _ in layer.mapping(start, size, ignore_errors=True))
         assert translate.read(context, "kernel", start, size) == (layer.read(start, size, pad=True), size - mapped)
+
+
+def test_table_reads_take_a_refused_piece_through_the_layer_below(monkeypatch):
+    """A piece the direct read refuses (a lower layer whose mapping names more than it holds) is read by the
+    layer below itself, padded, so the bytes still equal the layer's own read."""
+    context = stack(bytes(handmade()), DTB)
+    layer = context.layers["kernel"]
+
+    def refusing(context, layer_name):
+        def refuse(offset, view):
+            raise exceptions.InvalidAddressException(layer_name, offset, "refused")
+
+        return refuse
+
+    monkeypatch.setattr(translate, "physical_filler", refusing)
+    start, size = (1 << 30) + 0x10, 0x3000  # mapped, and not all zeros
+    data = layer.read(start, size, pad=True)
+    assert any(data)
+    mapped = sum(length for _, length, _, _, _ in layer.mapping(start, size, ignore_errors=True))
+    assert translate.read(context, "kernel", start, size) == (data, size - mapped)

@@ -417,15 +417,16 @@ def _page_cause(layer: interfaces.layers.TranslationLayerInterface, page: int) -
 
 def read(context: interfaces.context.ContextInterface, layer_name: str, start: int, size: int) -> tuple[bytes, int]:
     """``size`` bytes from ``start`` as ``layer.read(start, size, pad=True)`` gives them, and how many of them
-    no page maps (read as zeros)."""
+    no page maps (read as zeros).  Each mapped piece is read straight into its place (:func:`physical_filler`)."""
     data = bytearray(size)
+    view = memoryview(data)
     mapped = 0
     for offset, length, target, _, below in mapping(context, layer_name, start, size):
+        place = view[offset - start : offset - start + length]
         try:
-            piece = physical_reader(context, below)(target, length)
+            physical_filler(context, below)(target, place)
         except exceptions.InvalidAddressException:  # a layer whose mapping names more than it holds
-            piece = context.layers.read(below, target, length, pad=True)
-        data[offset - start : offset - start + length] = piece
+            place[:] = context.layers.read(below, target, length, pad=True)
         mapped += length
     return bytes(data), size - mapped
 
